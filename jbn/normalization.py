@@ -1,0 +1,319 @@
+"""Normalization: `batch_normalization` (given statistics) and the fused training op.
+
+The fused op computes the batch statistics, normalizes, and carries a `jax.custom_jvp` whose
+tangent is the closed-form batch-norm derivative. A JVP rule rather than a `custom_vjp` because
+forward-mode AD (`jvp`, `jacfwd`, `hessian`) must keep working; reverse mode transposes the rule's
+linear tangent map, which yields the classic backward pass
+
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * scale,
+    dscale = sum(dy * xhat),   doffset = sum(dy),
+
+two reductions (shared by all three gradients) and one elementwise pass, instead of autodiff's
+walk back through every intermediate of the statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbn import _checks
+from jbn.stats import CONDITION_LIMIT, accumulation_dtype, counted_values, statistics
+
+__all__ = ["batch_normalization", "fused_batch_norm", "ghost_batch_norm"]
+
+
+def batch_normalization(
+    x: jax.Array,
+    mean: jax.Array,
+    variance: jax.Array,
+    offset: jax.Array | None,
+    scale: jax.Array | None,
+    variance_epsilon: float,
+) -> jax.Array:
+    """Normalizes with given statistics, like `tf.nn.batch_normalization`:
+
+        y = (x - mean) * scale / sqrt(variance + variance_epsilon) + offset
+
+    Args:
+      x: floating array of any shape.
+      mean, variance: arrays broadcastable to `x.shape` (e.g. keepdims statistics, or shape
+        `(C,)` for a trailing feature axis).
+      offset, scale: `beta` and `gamma`, broadcastable to `x.shape`, or None (0 and 1).
+      variance_epsilon: positive float added to the variance inside the square root.
+
+    Returns:
+      `y` with `x`'s shape and dtype. bf16/fp16 inputs are normalized in float32 and rounded once.
+    """
+    _checks.check_floating(x, "x")
+    x = jnp.asarray(x)
+    _checks.check_epsilon(variance_epsilon, "variance_epsilon")
+    for name, value in (
+        ("mean", mean),
+        ("variance", variance),
+        ("offset", offset),
+        ("scale", scale),
+    ):
+        if value is not None:
+            _checks.check_broadcastable(value, x.shape, name)
+    acc = accumulation_dtype(x.dtype)
+    inv = lax.rsqrt(jnp.asarray(variance, acc) + jnp.asarray(variance_epsilon, acc))
+    if scale is not None:
+        inv = inv * jnp.asarray(scale, acc)
+    y = (x.astype(acc) - jnp.asarray(mean, acc)) * inv
+    if offset is not None:
+        y = y + jnp.asarray(offset, acc)
+    return y.astype(x.dtype)
+
+
+def _psum(value, axis_name, axis_index_groups):
+    if axis_name is None:
+        return value
+    return lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _train_normalize(x, scale, offset, weights, reduce_axes, epsilon, axis_name, groups):
+    """(y, mean, variance) with keepdims statistics; scale/offset are keepdims-shaped or None."""
+    stats = statistics(x, reduce_axes, weights, axis_name, groups)
+    rstd = lax.rsqrt(stats.variance + epsilon)
+    y = _affine((x.astype(rstd.dtype) - stats.mean) * rstd, scale, offset)
+    return y.astype(x.dtype), stats.mean, stats.variance
+
+
+def _affine(xhat, scale, offset):
+    if scale is not None:
+        xhat = xhat * scale.astype(xhat.dtype)
+    if offset is not None:
+        xhat = xhat + offset.astype(xhat.dtype)
+    return xhat
+
+
+@_train_normalize.defjvp
+def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tangents):
+    x, scale, offset, weights = primals
+    x_dot, scale_dot, offset_dot, _ = tangents
+    stats = statistics(x, reduce_axes, weights, axis_name, groups)
+    rstd = lax.rsqrt(stats.variance + epsilon)
+    y = _affine((x.astype(rstd.dtype) - stats.mean) * rstd, scale, offset)
+    primals_out = (y.astype(x.dtype), stats.mean, stats.variance)
+
+    # Sums over counted elements use xw (zero where the weight is 0, so padding may hold NaN);
+    # the elementwise terms use x itself: padding is normalized like everything else.
+    xw, weights = counted_values(x, weights)
+    acc = xw.dtype
+    x_acc = x.astype(acc)
+    safe_count = jnp.where(stats.count == 0, 1, stats.count)
+    gamma = jnp.ones_like(rstd) if scale is None else scale.astype(acc)
+    scale_dot = None if scale is None else scale_dot.astype(acc)
+    offset_dot = None if offset is None else offset_dot.astype(acc)
+
+    def tangent(x_dot, scale_dot, offset_dot, well_conditioned: bool):
+        # With m = mean, s = rstd, N = count, w = weights (1 without a mask):
+        #   mean_dot = sum(w x_dot) / N,   p = sum(w x_dot (x - m)) / N,   var_dot = 2 p,
+        #   y_dot = gamma s (x_dot - mean_dot) - gamma s^3 p (x - m) + scale_dot s (x - m)
+        #           + offset_dot.
+        # Reverse mode transposes this map; written so, the transpose needs only the two sums
+        # sum(dy) and sum(dy x) (sum(dy (x - m)) when ill conditioned) and one elementwise pass.
+        counted_dot = x_dot if weights is None else weights * x_dot
+        if well_conditioned:
+            # sum(w x_dot (x - m)) = sum(w x_dot x) - m sum(w x_dot): no broadcast inside the
+            # reductions, so XLA:CPU reads x and x_dot once and writes no temporary.
+            sums = _psum(
+                (
+                    jnp.sum(counted_dot, reduce_axes, keepdims=True),
+                    jnp.sum(counted_dot * xw, reduce_axes, keepdims=True),
+                ),
+                axis_name,
+                groups,
+            )
+            mean_dot = sums[0] / safe_count
+            p = sums[1] / safe_count - stats.mean * mean_dot
+            centered = lambda coefficient: x_acc * coefficient - stats.mean * coefficient
+        else:
+            deviation = x_acc - stats.mean
+            counted_deviation = xw - stats.mean
+            if weights is not None:
+                counted_deviation = jnp.where(weights != 0, counted_deviation, 0)
+            sums = _psum(
+                (
+                    jnp.sum(counted_dot, reduce_axes, keepdims=True),
+                    jnp.sum(counted_dot * counted_deviation, reduce_axes, keepdims=True),
+                ),
+                axis_name,
+                groups,
+            )
+            mean_dot = sums[0] / safe_count
+            p = sums[1] / safe_count
+            centered = lambda coefficient: deviation * coefficient
+        a = gamma * rstd
+        y_dot = x_dot * a - mean_dot * a - centered(gamma * rstd**3 * p)
+        if scale_dot is not None:
+            y_dot = y_dot + centered(scale_dot * rstd)
+        if offset_dot is not None:
+            y_dot = y_dot + offset_dot
+        return y_dot.astype(x.dtype), mean_dot, 2 * p
+
+    # Same predicate on every device: it reads the merged statistics.
+    well_conditioned = jnp.all(jnp.square(stats.mean) <= (CONDITION_LIMIT - 1) * stats.variance)
+    tangents_out = lax.cond(
+        well_conditioned,
+        functools.partial(tangent, well_conditioned=True),
+        # Rematerialized so that linearization keeps no full-size residual of this branch.
+        jax.checkpoint(functools.partial(tangent, well_conditioned=False)),
+        x_dot.astype(acc),
+        scale_dot,
+        offset_dot,
+    )
+    return primals_out, tangents_out
+
+
+def _feature_param(value, name: str, feature_axes, x_shape) -> jax.Array | None:
+    """Checks a per-feature parameter and reshapes it to broadcast against `x`."""
+    if value is None:
+        return None
+    value = jnp.asarray(value)
+    feature_shape = tuple(x_shape[a] for a in feature_axes)
+    if value.shape != feature_shape:
+        raise ValueError(
+            f"{name} must have the feature shape {feature_shape} (x's size along axis "
+            f"{feature_axes}), got {value.shape}."
+        )
+    _checks.check_floating(value, name)
+    keep_shape = tuple(x_shape[a] if a in feature_axes else 1 for a in range(len(x_shape)))
+    return value.reshape(keep_shape)
+
+
+def _prepare(x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask):
+    _checks.check_floating(x, "x")
+    x = jnp.asarray(x)
+    _checks.check_epsilon(epsilon, "epsilon")
+    feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    if not reduce_axes:
+        raise ValueError(
+            f"x of shape {x.shape} has no axis left to reduce once the feature axis {axis} is "
+            "removed; batch norm needs a batch axis."
+        )
+    groups = _checks.canonical_groups(axis_name, axis_index_groups)
+    if mask is not None:
+        _checks.check_mask(mask, x.shape)
+        mask = jnp.asarray(mask)
+    scale = _feature_param(scale, "scale", feature_axes, x.shape)
+    offset = _feature_param(offset, "offset", feature_axes, x.shape)
+    return x, scale, offset, feature_axes, reduce_axes, groups, mask
+
+
+def fused_batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    offset: jax.Array | None = None,
+    *,
+    epsilon: float = 1e-3,
+    axis: int | Sequence[int] = -1,
+    axis_name=None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm: statistics of this batch, then normalization.
+
+        mean, var = moments(x, all axes but `axis`, mask=mask, axis_name=...)
+        y = (x - mean) / sqrt(var + epsilon) * scale + offset
+
+    The statistics read `x` once (shifted one-pass; two passes with a mask, see `jbn.stats`),
+    and the derivative is the closed form (see the module docstring). Gradients equal autodiff
+    of `moments` + `batch_normalization`; forward- and reverse-mode both work, to any order.
+
+    Args:
+      x: floating array, e.g. NHWC `(B, H, W, C)` with `axis=-1` or NCHW with `axis=1`.
+      scale: `gamma` of the feature shape (`x.shape[axis]`, a tuple of sizes for several
+        feature axes), or None for 1.
+      offset: `beta` of the feature shape, or None for 0.
+      epsilon: positive float inside the square root (TF's default 1e-3).
+      axis: feature axis or axes; every other axis is reduced.
+      axis_name, axis_index_groups: reduce across devices too (see `jbn.moments`). Under
+        `pmap`, gradients are those of the sum of every device's loss, like autodiff of `psum`.
+      mask: optional boolean array broadcastable to `x.shape`; False elements don't count in
+        the statistics (padding). They are still normalized.
+
+    Returns:
+      `(y, batch_mean, batch_variance)`: `y` has `x`'s shape and dtype; the statistics have the
+      feature shape and dtype `promote_types(x.dtype, float32)`; the variance is biased and
+      never negative.
+    """
+    x, scale, offset, feature_axes, reduce_axes, groups, mask = _prepare(
+        x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask
+    )
+    y, mean, variance = _train_normalize(
+        x,
+        scale,
+        offset,
+        mask,
+        reduce_axes,
+        float(epsilon),
+        _checks.canonical_axis_name(axis_name),
+        groups,
+    )
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    return y, mean.reshape(feature_shape), variance.reshape(feature_shape)
+
+
+def ghost_batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    offset: jax.Array | None = None,
+    *,
+    virtual_batch_size: int,
+    epsilon: float = 1e-3,
+    axis: int | Sequence[int] = -1,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Ghost batch norm (Hoffer et al. 2017): `fused_batch_norm` per virtual sub-batch.
+
+    The batch (axis 0) is split into `B // virtual_batch_size` consecutive groups, and each group
+    is normalized with its own statistics. For training only: at inference normalize with moving
+    statistics, whatever the batch size (keras#15790 got this wrong).
+
+    Args:
+      x: floating array whose axis 0 is the batch, `B` divisible by `virtual_batch_size`.
+      scale, offset, epsilon, axis, mask: as in `fused_batch_norm` (`axis` must not be 0).
+      virtual_batch_size: positive int, the size of each ghost batch.
+
+    Returns:
+      `(y, batch_mean, batch_variance)`: `y` like `x`; statistics of shape
+      `(B // virtual_batch_size, *feature_shape)`, one row per ghost batch.
+    """
+    x, scale, offset, feature_axes, _, _, mask = _prepare(
+        x, scale, offset, epsilon, axis, None, None, mask
+    )
+    if 0 in feature_axes:
+        raise ValueError("axis must not include 0: ghost batches split the batch axis 0.")
+    if (
+        not isinstance(virtual_batch_size, int)
+        or isinstance(virtual_batch_size, bool)
+        or virtual_batch_size < 1
+    ):
+        raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}.")
+    batch = x.shape[0]
+    if batch % virtual_batch_size:
+        raise ValueError(
+            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}."
+        )
+    groups = batch // virtual_batch_size
+    ghost_shape = (groups, virtual_batch_size, *x.shape[1:])
+    ghost_x = x.reshape(ghost_shape)
+    # Axis 0 now indexes ghost batches: a feature-like axis that is not reduced.
+    kept = {0} | {a + 1 for a in feature_axes}
+    reduce_axes = tuple(a for a in range(ghost_x.ndim) if a not in kept)
+    expand = lambda p: None if p is None else p[None]
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape).reshape(ghost_shape)
+    y, mean, variance = _train_normalize(
+        ghost_x, expand(scale), expand(offset), mask, reduce_axes, float(epsilon), None, None
+    )
+    stats_shape = (groups, *(x.shape[a] for a in feature_axes))
+    return y.reshape(x.shape), mean.reshape(stats_shape), variance.reshape(stats_shape)

@@ -1,0 +1,141 @@
+"""Batch renormalization (Ioffe 2017).
+
+With running statistics `mu`, `sigma` (a standard deviation) and batch statistics `mu_B`,
+`sigma_B = sqrt(var_B + epsilon)`:
+
+    r = stop_gradient(clip(sigma_B / sigma, rmin, rmax))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -dmax, dmax))
+    y = ((x - mu_B) / sigma_B * r + d) * gamma + beta
+
+With r = 1 and d = 0 this is batch norm; with r, d unclipped the output equals normalizing with
+the running statistics while the gradient still flows through the batch statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbn import _checks
+from jbn.normalization import batch_normalization
+from jbn.stats import moments
+
+__all__ = ["batch_renorm", "renorm_correction"]
+
+
+def _check_clipping(rmax, rmin, dmax) -> None:
+    for name, value in (("rmax", rmax), ("rmin", rmin), ("dmax", dmax)):
+        if value is not None and not isinstance(value, jax.core.Tracer) and float(value) < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}.")
+    concrete = all(v is not None and not isinstance(v, jax.core.Tracer) for v in (rmin, rmax))
+    if concrete and float(rmin) > float(rmax):
+        raise ValueError(f"rmin ({rmin}) must not exceed rmax ({rmax}).")
+
+
+def renorm_correction(
+    batch_mean: jax.Array,
+    batch_variance: jax.Array,
+    running_mean: jax.Array,
+    running_stddev: jax.Array,
+    *,
+    epsilon: float,
+    rmax: float | None = None,
+    rmin: float | None = None,
+    dmax: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The renorm correction `(r, d)`, both under `stop_gradient`.
+
+    Args:
+      batch_mean, batch_variance: this batch's statistics (any shape, e.g. `(C,)`).
+      running_mean, running_stddev: the renorm moving averages of the mean and of
+        `sqrt(var + epsilon)`, broadcastable to the batch statistics.
+      epsilon: positive float added to the batch variance.
+      rmax, rmin, dmax: clipping bounds as in TF's `renorm_clipping`; None leaves that side
+        unclipped (TF's convention; the paper uses rmin = 1 / rmax).
+
+    Returns:
+      `(r, d)` with the batch statistics' shape, in float32 or wider.
+    """
+    _checks.check_epsilon(epsilon, "epsilon")
+    _check_clipping(rmax, rmin, dmax)
+    batch_stddev = jnp.sqrt(batch_variance + epsilon)
+    r = batch_stddev / running_stddev
+    d = (batch_mean - running_mean) / running_stddev
+    if rmin is not None:
+        r = jnp.maximum(r, rmin)
+    if rmax is not None:
+        r = jnp.minimum(r, rmax)
+    if dmax is not None:
+        d = jnp.clip(d, -dmax, dmax)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def batch_renorm(
+    x: jax.Array,
+    scale: jax.Array | None,
+    offset: jax.Array | None,
+    running_mean: jax.Array,
+    running_stddev: jax.Array,
+    *,
+    epsilon: float = 1e-3,
+    rmax: float | None = None,
+    rmin: float | None = None,
+    dmax: float | None = None,
+    axis: int | Sequence[int] = -1,
+    axis_name=None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch renormalization.
+
+    Args:
+      x: floating array, features along `axis`.
+      scale, offset: `gamma`/`beta` of the feature shape, or None.
+      running_mean, running_stddev: renorm moving averages, of the feature shape.
+      epsilon, rmax, rmin, dmax: see `renorm_correction`.
+      axis, axis_name, axis_index_groups, mask: as in `fused_batch_norm`.
+
+    Returns:
+      `(y, batch_mean, batch_variance)` as in `fused_batch_norm`. Gradients flow through the
+      batch statistics, not through `r` and `d`.
+    """
+    _checks.check_floating(x, "x")
+    x = jnp.asarray(x)
+    feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    for name, value in (("running_mean", running_mean), ("running_stddev", running_stddev)):
+        if jnp.shape(value) != feature_shape:
+            raise ValueError(
+                f"{name} must have the feature shape {feature_shape}, got {jnp.shape(value)}."
+            )
+    mean, variance = moments(
+        x,
+        reduce_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    r, d = renorm_correction(
+        mean,
+        variance,
+        running_mean,
+        running_stddev,
+        epsilon=epsilon,
+        rmax=rmax,
+        rmin=rmin,
+        dmax=dmax,
+    )
+    gamma = r if scale is None else scale * r
+    beta = d if scale is None else scale * d
+    if offset is not None:
+        beta = beta + offset
+    keep = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+    reshape = lambda v: v.reshape(keep)
+    y = batch_normalization(
+        x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma), epsilon
+    )
+    return y, mean, variance

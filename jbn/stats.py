@@ -1,0 +1,236 @@
+"""Batch statistics: `moments` and `weighted_moments`, local and across devices.
+
+Numerics (see DESIGN.md):
+
+* Statistics accumulate in `promote_types(x.dtype, float32)`: float32 for bf16/fp16/float32
+  inputs, float64 for float64 inputs. They are returned in that dtype too, so a bf16 network
+  keeps float32 running averages.
+* Guarded one-pass variance. `var = E[x^2] - E[x]^2` reads `x` once but cancels catastrophically
+  when |mean| >> std (flax's default: at N(1e4, 1) in float32 it is off by ~7e4x). jbn computes
+  the one-pass sums, checks per feature that `E[x^2] <= 16 var` (at most 4 bits lost), and only
+  otherwise runs the exact second pass `sum (x - mean)^2` under `lax.cond`. Typical activations
+  take the fast path; data with a large offset take the exact one and stay right. The variance is
+  clamped at 0.
+* Weighted or masked statistics use the same formulas with weights; elements with weight 0 are
+  excluded with `where`, so padding may hold anything, NaN included.
+* Across devices every device reduces its own shard to `(count, mean, m2)` (m2 = sum of squared
+  deviations) and the shards are merged exactly with Chan et al.'s pairwise formula
+
+      N = sum_i n_i,  mean = sum_i n_i mean_i / N,  m2 = sum_i [m2_i + n_i (mean_i - mean)^2],
+
+  with two `psum`s of small per-feature arrays. This is the statistic of the
+  concatenated global batch, also when devices hold different numbers of counted elements
+  (not flax's mean of per-device means, flax#2417).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbn import _checks
+
+__all__ = ["moments", "weighted_moments"]
+
+
+class Statistics(NamedTuple):
+    """Per-feature statistics with the reduced axes kept as size-1 dimensions.
+
+    All fields have the accumulation dtype (float32 or wider). `count` is the (weighted) number
+    of elements each statistic summarizes, over all devices when an `axis_name` was given.
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    variance: jax.Array
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for bf16/fp16/float32 inputs, the input dtype when wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# One-pass statistics are trusted when E[x^2] <= CONDITION_LIMIT * var, i.e. |mean| <= ~3.9 std:
+# then E[x^2] - E[x]^2 loses at most log2(16) = 4 bits to cancellation. Beyond that the exact
+# two-pass formula runs instead (see `_local_statistics`).
+CONDITION_LIMIT = 16.0
+
+
+def counted_values(x: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """(x, weights) in the accumulation dtype, at full shape, zeroed where the weight is 0.
+
+    Zeroing keeps padding (which may hold NaN or inf) out of every product and sum.
+    """
+    acc = accumulation_dtype(x.dtype)
+    x = x.astype(acc)
+    if weights is None:
+        return x, None
+    weights = jnp.broadcast_to(weights.astype(acc), x.shape)
+    return jnp.where(weights != 0, x, 0), weights
+
+
+def _local_statistics(
+    x: jax.Array, reduce_axes: tuple[int, ...], weights: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(count, mean, m2) of this device's shard, reduced axes kept, in the accumulation dtype.
+
+    First the cheap sums `S0 = sum w`, `S1 = sum w x`, `S2 = sum w x^2` (one read of `x`, no
+    temporaries). Where every feature is well conditioned (`S2 / S0 <= CONDITION_LIMIT * var`)
+    they are the answer; otherwise a `lax.cond` runs the exact second pass
+    `m2 = sum w (x - mean)^2`. The second pass costs a full-size temporary on CPU (XLA cannot
+    fuse a broadcast into its reduction kernels), which is why it is not the default path.
+    Under `vmap` the cond becomes a select and both paths run.
+    """
+    xw, weights = counted_values(x, weights)
+    acc = xw.dtype
+    weighted = xw if weights is None else weights * xw
+    if weights is None:
+        count = 1
+        for a in reduce_axes:
+            count *= x.shape[a]
+        count = jnp.asarray(count, acc)
+    else:
+        count = jnp.sum(weights, reduce_axes, keepdims=True)
+    sum_x = jnp.sum(weighted, reduce_axes, keepdims=True)
+    sum_sq = jnp.sum(weighted * xw, reduce_axes, keepdims=True)
+    safe_count = jnp.where(count == 0, 1, count)
+    mean = sum_x / safe_count
+    m2 = jnp.maximum(sum_sq - sum_x * mean, 0)
+    well_conditioned = jnp.all(m2 * CONDITION_LIMIT >= sum_sq)
+
+    def two_pass(mean):
+        deviation = xw - mean if weights is None else jnp.where(weights != 0, xw - mean, 0)
+        weighted_dev = deviation if weights is None else weights * deviation
+        correction = jnp.sum(weighted_dev, reduce_axes, keepdims=True) / safe_count
+        m2 = jnp.sum(weighted_dev * deviation, reduce_axes, keepdims=True)
+        # Second-order correction of the mean (Chan et al.): exact up to the sum's round-off.
+        return mean + correction, jnp.maximum(m2 - correction * correction * count, 0)
+
+    mean, m2 = lax.cond(well_conditioned, lambda mean: (mean, m2), two_pass, mean)
+    return jnp.broadcast_to(count, mean.shape), mean, m2
+
+
+def _merge_across_devices(count, mean, m2, axis_name, axis_index_groups):
+    """Chan's exact merge of per-device (count, mean, m2) over `axis_name`, by two psums."""
+    psum = lambda v: lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+    total, weighted_sum = psum((count, count * mean))
+    global_mean = weighted_sum / jnp.where(total == 0, 1, total)
+    global_m2 = psum(m2 + count * jnp.square(mean - global_mean))
+    return total, global_mean, global_m2
+
+
+def statistics(
+    x: jax.Array,
+    reduce_axes: tuple[int, ...],
+    weights: jax.Array | None = None,
+    axis_name=None,
+    axis_index_groups=None,
+) -> Statistics:
+    """Count, mean and biased variance over `reduce_axes` (kept) and `axis_name`.
+
+    The building block of every public function; arguments are assumed checked. A feature with
+    zero total weight gets mean 0 and variance 0.
+    """
+    count, mean, m2 = _local_statistics(x, reduce_axes, weights)
+    if axis_name is not None:
+        count, mean, m2 = _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
+    safe_count = jnp.where(count == 0, 1, count)
+    return Statistics(count, mean, m2 / safe_count)
+
+
+def _finish(stats: Statistics, axes: tuple[int, ...], keepdims: bool):
+    if keepdims:
+        return stats.mean, stats.variance
+    return jnp.squeeze(stats.mean, axes), jnp.squeeze(stats.variance, axes)
+
+
+def moments(
+    x: jax.Array,
+    axes: int | Sequence[int],
+    *,
+    keepdims: bool = False,
+    mask: jax.Array | None = None,
+    axis_name=None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance of `x` over `axes`, like `tf.nn.moments`.
+
+        mean = sum_i m_i x_i / sum_i m_i,    variance = sum_i m_i (x_i - mean)^2 / sum_i m_i,
+
+    where `i` runs over `axes` (and over devices when `axis_name` is given) and `m` is the mask
+    (all ones without one).
+
+    Args:
+      x: floating array of any shape; bf16/fp16 are reduced in float32.
+      axes: int or sequence of ints, the axes to reduce (negative values count from the end).
+      keepdims: keep the reduced axes as size-1 dimensions.
+      mask: optional boolean array broadcastable to `x.shape`; True marks elements that count.
+        Masked-out elements may hold any value (NaN included). A feature with no counted
+        element gets mean 0 and variance 0.
+      axis_name: a `pmap`/`shard_map`/`vmap` axis name (or tuple of names): the statistics are
+        those of the concatenation of every device's `x`, merged exactly by counts.
+      axis_index_groups: optional groups of device indices along `axis_name` that reduce
+        separately (pmap only).
+
+    Returns:
+      `(mean, variance)`, each of shape `x.shape` without `axes` (or with them as 1 if
+      `keepdims`), dtype `promote_types(x.dtype, float32)`. The variance is never negative.
+    """
+    _checks.check_floating(x, "x")
+    x = jnp.asarray(x)
+    reduce_axes = _checks.normalize_axes(axes, x.ndim, "axes")
+    groups = _checks.canonical_groups(axis_name, axis_index_groups)
+    weights = None
+    if mask is not None:
+        _checks.check_mask(mask, x.shape)
+        weights = jnp.asarray(mask)
+    stats = statistics(x, reduce_axes, weights, _checks.canonical_axis_name(axis_name), groups)
+    return _finish(stats, reduce_axes, keepdims)
+
+
+def weighted_moments(
+    x: jax.Array,
+    axes: int | Sequence[int],
+    frequency_weights: jax.Array,
+    *,
+    keepdims: bool = False,
+    axis_name=None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Frequency-weighted mean and biased variance, like `tf.nn.weighted_moments`.
+
+        mean = sum_i w_i x_i / sum_i w_i,    variance = sum_i w_i (x_i - mean)^2 / sum_i w_i.
+
+    Args:
+      x: floating array.
+      axes: axes to reduce.
+      frequency_weights: non-negative weights broadcastable to `x.shape` (e.g. shape `(B, 1, 1,
+        1)` for per-example weights of an NHWC batch). Elements with weight 0 are ignored,
+        whatever their value. Negative weights are not checked (they would need a host sync) and
+        give meaningless results.
+      keepdims, axis_name, axis_index_groups: as in `moments`; across devices the weights'
+        sums are merged exactly.
+
+    Returns:
+      `(mean, variance)` as in `moments`.
+    """
+    _checks.check_floating(x, "x")
+    x = jnp.asarray(x)
+    reduce_axes = _checks.normalize_axes(axes, x.ndim, "axes")
+    groups = _checks.canonical_groups(axis_name, axis_index_groups)
+    frequency_weights = jnp.asarray(frequency_weights)
+    if not (
+        jnp.issubdtype(frequency_weights.dtype, jnp.floating)
+        or jnp.issubdtype(frequency_weights.dtype, jnp.integer)
+        or frequency_weights.dtype == jnp.bool_
+    ):
+        raise TypeError(f"frequency_weights must be numeric, got {frequency_weights.dtype}.")
+    _checks.check_broadcastable(frequency_weights, x.shape, "frequency_weights")
+    stats = statistics(
+        x, reduce_axes, frequency_weights, _checks.canonical_axis_name(axis_name), groups
+    )
+    return _finish(stats, reduce_axes, keepdims)

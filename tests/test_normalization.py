@@ -1,0 +1,246 @@
+"""batch_normalization, fused_batch_norm and ghost_batch_norm against float64 numpy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbn
+
+
+def _bn_reference(x, axes, scale, offset, epsilon, mask=None):
+    """float64 training-mode batch norm; returns (y, mean, var) with keepdims statistics."""
+    x = np.asarray(x, np.float64)
+    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    n = w.sum(axis=axes, keepdims=True)
+    mean = (w * np.where(w > 0, x, 0)).sum(axis=axes, keepdims=True) / n
+    var = (w * np.where(w > 0, x - mean, 0) ** 2).sum(axis=axes, keepdims=True) / n
+    y = (x - mean) / np.sqrt(var + epsilon)
+    if scale is not None:
+        y = y * scale
+    if offset is not None:
+        y = y + offset
+    return y, mean, var
+
+
+def _composite_loss(x, scale, offset, r, *, axis, mask=None, epsilon=1e-3):
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in axis)
+    mean, var = jbn.moments(x, reduce_axes, keepdims=True, mask=mask)
+    shape = [1] * x.ndim
+    for a in axis:
+        shape[a] = x.shape[a]
+    y = jbn.batch_normalization(x, mean, var, offset.reshape(shape), scale.reshape(shape), epsilon)
+    return jnp.sum(jnp.sin(y) * r)
+
+
+def _fused_loss(x, scale, offset, r, *, axis, mask=None, epsilon=1e-3):
+    y, _, _ = jbn.fused_batch_norm(x, scale, offset, epsilon=epsilon, axis=axis, mask=mask)
+    return jnp.sum(jnp.sin(y) * r)
+
+
+CASES = [
+    # (shape, feature axes, data offset)
+    ((16, 6, 6, 8), (3,), 0.0),  # NHWC
+    ((16, 8, 6, 6), (1,), 2.0),  # NCHW
+    ((32, 5), (1,), -1.0),  # dense
+    ((4, 3, 5, 7), (1, 3), 0.5),  # several feature axes
+    ((16, 4, 4, 8), (3,), 1e3),  # ill conditioned: the exact two-pass path
+]
+
+
+@pytest.mark.parametrize("shape, axis, offset", CASES)
+def test_fused_forward_matches_float64(shape, axis, offset):
+    rng = np.random.default_rng(0)
+    x = (offset + rng.standard_normal(shape) * 2).astype(np.float32)
+    feature_shape = tuple(shape[a] for a in axis)
+    scale = rng.uniform(0.5, 2, feature_shape).astype(np.float32)
+    offset_param = rng.standard_normal(feature_shape).astype(np.float32)
+    y, mean, var = jax.jit(functools.partial(jbn.fused_batch_norm, epsilon=1e-3, axis=axis))(
+        x, scale, offset_param
+    )
+    reduce_axes = tuple(a for a in range(len(shape)) if a not in axis)
+    keep = [shape[a] if a in axis else 1 for a in range(len(shape))]
+    ref_y, ref_mean, ref_var = _bn_reference(
+        x, reduce_axes, scale.reshape(keep), offset_param.reshape(keep), 1e-3
+    )
+    np.testing.assert_allclose(y, ref_y, atol=2e-4 * max(1, abs(offset) / 100))
+    np.testing.assert_allclose(mean, ref_mean.reshape(feature_shape), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(var, ref_var.reshape(feature_shape), rtol=1e-4)
+    assert y.dtype == jnp.float32 and mean.shape == feature_shape
+
+
+@pytest.mark.parametrize("shape, axis, offset", CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_gradient_equals_composite_autodiff(shape, axis, offset, masked):
+    rng = np.random.default_rng(1)
+    x = (offset + rng.standard_normal(shape) * 2).astype(np.float32)
+    r = rng.standard_normal(shape).astype(np.float32)
+    feature_shape = tuple(shape[a] for a in axis)
+    scale = rng.uniform(0.5, 2, feature_shape).astype(np.float32)
+    offset_param = rng.standard_normal(feature_shape).astype(np.float32)
+    mask = None
+    if masked:
+        mask = rng.random((shape[0],) + (1,) * (len(shape) - 1)) > 0.4
+        mask[0] = True
+    grads = {}
+    for name, fn in (("fused", _fused_loss), ("composite", _composite_loss)):
+        loss = functools.partial(fn, r=r, axis=axis, mask=mask)
+        grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, offset_param)
+    for got, want in zip(grads["fused"], grads["composite"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+
+
+def test_gradient_at_large_offset_matches_float64_finite_differences_free_formula():
+    # The closed-form gradient in float64: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+    rng = np.random.default_rng(2)
+    x = (1e4 + rng.standard_normal((64, 16))).astype(np.float32)
+    dy = rng.standard_normal((64, 16)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 16).astype(np.float32)
+    _, vjp = jax.vjp(lambda x: jbn.fused_batch_norm(x, scale, None)[0], x)
+    (dx,) = vjp(dy)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(0), x64.var(0)
+    rstd = 1 / np.sqrt(var + 1e-3)
+    xhat = (x64 - mean) * rstd
+    g = dy * scale
+    want = rstd * (g - g.mean(0) - xhat * (g * xhat).mean(0))
+    np.testing.assert_allclose(dx, want, rtol=1e-3, atol=1e-3 * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("offset", [0.5, 1e3])
+def test_forward_mode_and_hessian_match_composite(offset):
+    rng = np.random.default_rng(3)
+    x = (offset + rng.standard_normal((6, 4, 3))).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 3).astype(np.float32)
+    beta = rng.standard_normal(3).astype(np.float32)
+    fused = functools.partial(_fused_loss, r=r, axis=(2,))
+    composite = functools.partial(_composite_loss, r=r, axis=(2,))
+    tangent = rng.standard_normal(x.shape).astype(np.float32)
+    _, jvp_fused = jax.jvp(lambda x: fused(x, scale, beta), (x,), (tangent,))
+    _, jvp_composite = jax.jvp(lambda x: composite(x, scale, beta), (x,), (tangent,))
+    np.testing.assert_allclose(jvp_fused, jvp_composite, rtol=1e-3)
+    h_fused = jax.hessian(fused, argnums=1)(x, scale, beta)
+    h_composite = jax.hessian(composite, argnums=1)(x, scale, beta)
+    np.testing.assert_allclose(h_fused, h_composite, rtol=1e-3, atol=1e-3)
+    jf = jax.jacfwd(fused)(x, scale, beta)
+    jr = jax.jacrev(composite)(x, scale, beta)
+    np.testing.assert_allclose(jf, jr, rtol=1e-3, atol=1e-3 * np.max(np.abs(jr)))
+
+
+def test_gradient_of_returned_statistics():
+    # Losses may use the returned batch statistics too (e.g. a variance penalty).
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((10, 4)).astype(np.float32)
+
+    def fused(x):
+        y, mean, var = jbn.fused_batch_norm(x)
+        return jnp.sum(y[:2]) + jnp.sum(mean**2) + jnp.sum(jnp.sqrt(var))
+
+    def composite(x):
+        mean, var = jbn.moments(x, 0)
+        y = jbn.batch_normalization(x, mean, var, None, None, 1e-3)
+        return jnp.sum(y[:2]) + jnp.sum(mean**2) + jnp.sum(jnp.sqrt(var))
+
+    np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(composite)(x), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_statistics_in_float32_output_in_input_dtype(dtype):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(1e3 + rng.standard_normal((32, 4, 4, 8)), dtype)
+    y, mean, var = jbn.fused_batch_norm(x, jnp.ones(8, dtype), jnp.zeros(8, dtype))
+    assert y.dtype == dtype and mean.dtype == jnp.float32 and var.dtype == jnp.float32
+    assert not np.any(np.isnan(np.asarray(y, np.float32)))
+    ref_y, _, ref_var = _bn_reference(np.asarray(x, np.float32), (0, 1, 2), None, None, 1e-3)
+    np.testing.assert_allclose(var, ref_var.reshape(8), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref_y, atol=0.05)
+    grad = jax.grad(lambda x: jnp.sum(jbn.fused_batch_norm(x)[0].astype(jnp.float32) ** 2))(x)
+    assert grad.dtype == dtype
+
+
+def test_batch_normalization_matches_formula_and_broadcasts():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    mean = rng.standard_normal((3, 1)).astype(np.float32)
+    var = rng.uniform(0.1, 2, (3, 1)).astype(np.float32)
+    scale = rng.standard_normal((3, 1)).astype(np.float32)
+    y = jbn.batch_normalization(x, mean, var, None, scale, 0.01)
+    want = (x.astype(np.float64) - mean) / np.sqrt(var + 0.01) * scale
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    y = jbn.batch_normalization(x, mean, var, 1.5, None, 0.01)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 0.01) + 1.5, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batch_norm_normalizes_each_virtual_batch():
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((12, 3, 4)) + np.arange(12)[:, None, None]).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 4).astype(np.float32)
+    y, mean, var = jbn.ghost_batch_norm(x, scale, None, virtual_batch_size=4)
+    assert mean.shape == (3, 4) and var.shape == (3, 4)
+    for g in range(3):
+        chunk = x[4 * g : 4 * g + 4]
+        ref_y, ref_mean, ref_var = _bn_reference(chunk, (0, 1), scale, None, 1e-3)
+        np.testing.assert_allclose(y[4 * g : 4 * g + 4], ref_y, atol=1e-4)
+        np.testing.assert_allclose(mean[g], ref_mean.reshape(4), rtol=1e-5)
+        np.testing.assert_allclose(var[g], ref_var.reshape(4), rtol=1e-4)
+
+
+def test_vmap_over_ensemble_members():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 16, 4)).astype(np.float32) * np.array([1, 5, 20])[:, None, None]
+    scale = rng.uniform(0.5, 2, (3, 4)).astype(np.float32)
+    y, mean, _ = jax.vmap(lambda x, s: jbn.fused_batch_norm(x, s, None))(x, scale)
+    for i in range(3):
+        ref_y, ref_mean, _ = _bn_reference(x[i], (0,), scale[i], None, 1e-3)
+        np.testing.assert_allclose(y[i], ref_y, atol=1e-4)
+        np.testing.assert_allclose(mean[i], ref_mean.reshape(4), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: jbn.fused_batch_norm(np.zeros((4, 3), np.int32)), TypeError, "x must have"),
+        (lambda: jbn.fused_batch_norm(np.zeros((4, 3)), axis=2), ValueError, "axis: axis 2"),
+        (lambda: jbn.fused_batch_norm(np.zeros((4, 3)), axis=(1, -1)), ValueError, "duplicate"),
+        (lambda: jbn.fused_batch_norm(np.zeros((4, 3)), epsilon=0.0), ValueError, "epsilon"),
+        (lambda: jbn.fused_batch_norm(np.zeros((4, 3)), epsilon=-1e-3), ValueError, "epsilon"),
+        (lambda: jbn.fused_batch_norm(np.zeros((4, 3)), np.ones(4)), ValueError, "scale must"),
+        (lambda: jbn.fused_batch_norm(np.zeros((3,))), ValueError, "no axis left"),
+        (
+            lambda: jbn.fused_batch_norm(np.zeros((4, 3)), axis_index_groups=[[0]]),
+            ValueError,
+            "axis_index_groups requires axis_name",
+        ),
+        (
+            lambda: jbn.batch_normalization(np.zeros((4, 3)), np.zeros(4), 1.0, None, None, 1e-3),
+            ValueError,
+            "mean of shape",
+        ),
+        (
+            lambda: jbn.batch_normalization(np.zeros((4, 3)), 0.0, np.ones(2), None, None, 1e-3),
+            ValueError,
+            "variance of shape",
+        ),
+        (
+            lambda: jbn.batch_normalization(np.zeros((4, 3)), 0.0, 1.0, None, None, 0),
+            ValueError,
+            "variance_epsilon",
+        ),
+        (
+            lambda: jbn.ghost_batch_norm(np.zeros((6, 3)), virtual_batch_size=4),
+            ValueError,
+            "not divisible by virtual_batch_size=4",
+        ),
+        (
+            lambda: jbn.ghost_batch_norm(np.zeros((6, 3)), virtual_batch_size=0),
+            ValueError,
+            "virtual_batch_size must be a positive int",
+        ),
+    ],
+)
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
