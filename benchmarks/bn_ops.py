@@ -125,6 +125,30 @@ def time_interleaved(fns: dict, reps: int) -> dict[str, float]:
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
+def variance_errors(shape, offset: float) -> dict[str, float]:
+    """Max relative error of each variant's batch variance on N(offset, 1) data vs float64."""
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32) + np.float32(offset)
+    reference = x.astype(np.float64).var(axis=(0, 1, 2))
+    errors = {}
+    _, _, var = jax.jit(_jbn_train_stats)(jnp.asarray(x))
+    errors["jbn"] = var
+    for name, fast in (("flax-fast", True), ("flax-2pass", False)):
+        module = nn.BatchNorm(momentum=0.0, use_fast_variance=fast, use_running_average=False)
+        variables = module.init(jax.random.key(0), x[:1])
+        _, updated = jax.jit(lambda v, x, m=module: m.apply(v, x, mutable=["batch_stats"]))(
+            variables, x
+        )
+        errors[name] = updated["batch_stats"]["var"]  # momentum 0: the batch variance itself
+    errors["composite"] = jnp.var(jnp.asarray(x), axis=(0, 1, 2))
+    return {
+        k: float(np.max(np.abs(np.asarray(v) - reference) / reference)) for k, v in errors.items()
+    }
+
+
+def _jbn_train_stats(x):
+    return jbn.fused_batch_norm(x, epsilon=EPSILON)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
@@ -164,6 +188,16 @@ def main() -> None:
                     f"| {seconds / times['flax-2pass']:.2f} |",
                     flush=True,
                 )
+    shape = tuple(int(s) for s in args.shapes[0].split(","))
+    print(f"\nBatch variance, max relative error vs float64, shape {args.shapes[0]}:\n")
+    print("| data | jbn | flax-fast | flax-2pass | composite |")
+    print("|---|---|---|---|---|")
+    for offset in (0.0, 1e2, 1e4):
+        errors = variance_errors(shape, offset)
+        cells = " | ".join(
+            f"{errors[k]:.1e}" for k in ("jbn", "flax-fast", "flax-2pass", "composite")
+        )
+        print(f"| N({offset:g}, 1) | {cells} |")
 
 
 if __name__ == "__main__":
