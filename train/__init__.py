@@ -1,0 +1,1 @@
+"""Training the document's network with jbn."""
