@@ -12,6 +12,7 @@ from collections.abc import Hashable, Sequence
 import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
+from jax import lax
 
 AxisName = Hashable | tuple[Hashable, ...]
 AxisIndexGroups = Sequence[Sequence[int]] | None
@@ -98,7 +99,22 @@ def canonical_groups(axis_name, axis_index_groups) -> tuple[tuple[int, ...], ...
 
 
 def canonical_axis_name(axis_name):
-    """Lists become tuples so the name can be a static (hashable) argument."""
+    """Checks that `axis_name` is bound here; lists become tuples (static arguments hash).
+
+    JAX's own error for an unbound name ("unbound axis name") confuses people who called a
+    layer with `axis_name` outside `pmap` (flax#2606), so it is replaced by one that says what
+    to do.
+    """
+    if axis_name is None:
+        return None
     if isinstance(axis_name, list):
-        return tuple(axis_name)
+        axis_name = tuple(axis_name)
+    try:
+        lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not bound here: call this inside jax.pmap, "
+            "jax.shard_map or jax.vmap with that axis name, or pass axis_name=None for "
+            "single-device statistics."
+        ) from None
     return axis_name

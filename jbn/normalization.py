@@ -172,7 +172,7 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
     return primals_out, tangents_out
 
 
-def _feature_param(value, name: str, feature_axes, x_shape) -> jax.Array | None:
+def feature_param(value, name: str, feature_axes, x_shape) -> jax.Array | None:
     """Checks a per-feature parameter and reshapes it to broadcast against `x`."""
     if value is None:
         return None
@@ -203,8 +203,8 @@ def _prepare(x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask
     if mask is not None:
         _checks.check_mask(mask, x.shape)
         mask = jnp.asarray(mask)
-    scale = _feature_param(scale, "scale", feature_axes, x.shape)
-    offset = _feature_param(offset, "offset", feature_axes, x.shape)
+    scale = feature_param(scale, "scale", feature_axes, x.shape)
+    offset = feature_param(offset, "offset", feature_axes, x.shape)
     return x, scale, offset, feature_axes, reduce_axes, groups, mask
 
 

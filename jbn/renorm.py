@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn import _checks
-from jbn.normalization import batch_normalization
+from jbn.normalization import batch_normalization, feature_param
 from jbn.stats import moments
 
 __all__ = ["batch_renorm", "renorm_correction"]
@@ -107,6 +107,18 @@ def batch_renorm(
     feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
     reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
+    keep = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+    # Checked like fused_batch_norm's: a (1,) gamma must not broadcast silently over C features.
+    scale = (
+        None
+        if scale is None
+        else feature_param(scale, "scale", feature_axes, x.shape).reshape(feature_shape)
+    )
+    offset = (
+        None
+        if offset is None
+        else feature_param(offset, "offset", feature_axes, x.shape).reshape(feature_shape)
+    )
     for name, value in (("running_mean", running_mean), ("running_stddev", running_stddev)):
         if jnp.shape(value) != feature_shape:
             raise ValueError(
@@ -133,7 +145,6 @@ def batch_renorm(
     beta = d if scale is None else scale * d
     if offset is not None:
         beta = beta + offset
-    keep = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
     reshape = lambda v: v.reshape(keep)
     y = batch_normalization(
         x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma), epsilon

@@ -85,3 +85,11 @@ def test_bad_clipping(kwargs, match):
     kwargs = {"epsilon": EPS, **kwargs}
     with pytest.raises(ValueError, match=match):
         jbn.renorm_correction(jnp.zeros(2), jnp.ones(2), jnp.zeros(2), jnp.ones(2), **kwargs)
+
+
+def test_parameter_shapes_are_checked():
+    x, mu, sigma, gamma, beta = _data()
+    with pytest.raises(ValueError, match="scale must have the feature shape"):
+        jbn.batch_renorm(x, gamma[:1], beta, mu, sigma, epsilon=EPS)
+    with pytest.raises(ValueError, match="running_stddev must have the feature shape"):
+        jbn.batch_renorm(x, gamma, beta, mu, sigma[:2], epsilon=EPS)

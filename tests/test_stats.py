@@ -188,6 +188,11 @@ def test_moments_under_jit_and_grad():
             "axis_index_groups requires axis_name",
         ),
         (
+            lambda: jbn.moments(np.zeros((2, 3)), 0, axis_name="batch"),
+            ValueError,
+            "axis_name='batch' is not bound here",
+        ),
+        (
             lambda: jbn.weighted_moments(np.zeros((2, 3)), 0, np.ones((4,))),
             ValueError,
             "frequency_weights of shape",
