@@ -1,0 +1,73 @@
+"""Helpers shared by the tests of train/: fast JAX settings and running the CLI.
+
+Two settings keep training tests fast on a small CPU without changing what they test:
+
+* Parameters are initialized from 'rbg' keys: the network's threefry initialization takes
+  several seconds to compile on CPU, rbg about one, and no test depends on how the initial
+  values were drawn (runs compared with each other use the same keys).
+* JAX's persistent compilation cache: every run builds a new optax chain, which jit sees as a
+  new static argument and retraces; the cache turns the recompilation of the identical program
+  into a load, in the test process and in CLI subprocesses alike.
+"""
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def fast_jax(cache_dir: pathlib.Path) -> Iterator[None]:
+    """rbg initialization and a persistent compilation cache in `cache_dir`, in this process."""
+    previous = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()  # set up once per process, maybe before this
+    try:
+        with jax.default_prng_impl("rbg"):
+            yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+        compilation_cache.reset_cache()
+
+
+def fast_jax_env(cache_dir: pathlib.Path, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess with the same settings as `fast_jax`."""
+    return {
+        **os.environ,
+        "JAX_DEFAULT_PRNG_IMPL": "rbg",
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        **extra,
+    }
+
+
+def start_cli(*args: str, cache_dir: pathlib.Path, **extra_env: str) -> subprocess.Popen:
+    """Starts `python -m train *args` in the repository root, capturing text output."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        env=fast_jax_env(cache_dir, **extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_cli(
+    *args: str, cache_dir: pathlib.Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    process = start_cli(*args, cache_dir=cache_dir)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

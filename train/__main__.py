@@ -1,0 +1,114 @@
+"""Command line: train the document's network per a config file.
+
+    python -m train --config configs/default.py --workdir runs/default \\
+        [--config.optimizer.learning_rate=3e-3 ...]
+
+Rerunning the same command resumes from the latest checkpoint in --workdir. A multi-process job
+runs the same command in every process, adding --coordinator_address, --num_processes and
+--process_id (or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID).
+
+Problems with the config, the data, a checkpoint or the process group print one message and exit
+with status 2; SIGINT/SIGTERM save a checkpoint and exit with status 128 + signal number.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process jobs."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process in the job.")
+
+USAGE_ERROR = 2
+
+
+def fail(message: str) -> None:
+    """Prints one error message (no stack trace) and exits with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing, with config errors (unknown override keys, bad values) as messages."""
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as error:
+        fail(str(error))
+    except (KeyError, AttributeError, TypeError, ValueError) as error:
+        # ml_collections raises these for unknown fields and values of the wrong type.
+        fail(f"bad --config override: {error}")
+    if len(remaining) > 1:
+        fail(f"unexpected arguments: {' '.join(remaining[1:])}")
+    if _CONFIG.value is None:
+        fail("--config is required (e.g. --config configs/default.py)")
+    if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+        try:  # a config that failed to load raises its load error on first access
+            _CONFIG.value.keys()
+        except Exception as error:
+            fail(str(error))
+        fail("--config must be a file whose get_config() returns a ConfigDict")
+    if not _WORKDIR.value:
+        fail("--workdir is required")
+    return remaining
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    # Orbax logs every checkpoint step at INFO; the progress bar and summary say what matters.
+    logging.set_verbosity(logging.WARNING)
+    # Imported here: JAX's devices must be configured (distributed.initialize) before any JAX
+    # computation, and absl's usage errors should not wait for JAX to import.
+    from train import checkpoints, distributed, input_pipeline, metrics
+    from train import train as train_lib
+
+    expected_errors = (
+        train_lib.ConfigError,
+        input_pipeline.DataError,
+        checkpoints.CheckpointError,
+        distributed.DistributedError,
+    )
+    try:
+        group = distributed.process_group_from(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+        )
+        distributed.initialize(group, num_cpu_devices=config.num_cpu_devices)
+        result = train_lib.train_and_evaluate(config, _WORKDIR.value)
+    except expected_errors as error:
+        fail(str(error))
+    except KeyboardInterrupt:  # a second SIGINT while stopping
+        print(
+            "Aborted without saving; rerunning resumes from the latest checkpoint.",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signal.SIGINT)
+
+    if result.summary is not None and group.process_id == 0:
+        print("Summary (also in summary.json):")
+        print(metrics.format_summary(result.summary))
+    if result.summary is not None and group.num_processes > 1:
+        # Every process ends with the same replicated state; this line lets one check that.
+        print(
+            f"process {group.process_id}/{group.num_processes}: step {result.summary['steps']}, "
+            f"state_sha256 {result.summary['state_sha256']}"
+        )
+    distributed.shutdown()
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        sys.exit(128 + signal.Signals[result.stopped_by])
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,141 @@
+"""The document's convolutional network, with jbn.BatchNorm after every convolution.
+
+Architecture (the document's, kept faithfully):
+
+    conv3x3(64)  -> BN -> ReLU -> maxpool 2x2/2
+    conv3x3(64)  -> BN -> ReLU -> maxpool 2x2/2
+    conv3x3(32)  -> BN -> ReLU -> maxpool 2x2/2
+    conv3x3(16)  -> BN -> ReLU -> maxpool 2x2/2
+    conv3x3(K)   -> BN -> ReLU -> avgpool 4x4/4 -> flatten -> K logits
+
+All convolutions are SAME-padded with a bias; all pools are SAME-padded. K is the number of
+classes of the data (10 for CIFAR-10 and Fashion-MNIST). For 32x32 inputs the four max pools give
+a 2x2 map, for 28x28 inputs 28 -> 14 -> 7 -> 4 -> 2, so the final 4x4/4 SAME average pool always
+sees a 2x2 map and yields one value per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+import jbn
+
+# Filters of the first four convolutions; the fifth has one filter per class.
+DOCUMENT_FEATURES: tuple[int, ...] = (64, 64, 32, 16)
+
+
+class ConvNet(nn.Module):
+    """The document's five-convolution network.
+
+    Attributes:
+      num_classes: filters of the last convolution, i.e. number of logits.
+      features: filters of the convolutions before the last one (each followed by a max pool).
+      use_batch_norm: False gives the baseline conv(+bias) -> ReLU network.
+      batch_norm_kwargs: keyword arguments for every `jbn.BatchNorm` (TF1 names: decay, center,
+        scale, epsilon, ...). `axis_name` is set separately so that it can follow the device
+        layout rather than the config.
+      axis_name: pmap axis over which batch statistics are synchronized (None: per device).
+      relu_on_logits: the document applies BN + ReLU to the last convolution too, which makes
+        every logit non-negative; False leaves the last layer linear (conv -> BN -> avg pool).
+      dtype: computation dtype of the convolutions (parameters stay float32).
+    """
+
+    num_classes: int
+    features: Sequence[int] = DOCUMENT_FEATURES
+    use_batch_norm: bool = True
+    batch_norm_kwargs: Mapping[str, Any] | None = None
+    axis_name: str | None = None
+    relu_on_logits: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, is_training: bool) -> jax.Array:
+        """Maps images (N, H, W, C) to logits (N, num_classes).
+
+        Training batches are never padded (the input pipeline drops the last partial batch) and
+        evaluation uses the moving statistics, so batch norm needs no mask here.
+        """
+        x = images.astype(self.dtype)
+        all_features = (*self.features, self.num_classes)
+        for index, num_filters in enumerate(all_features):
+            is_last = index == len(all_features) - 1
+            x = nn.Conv(
+                num_filters,
+                kernel_size=(3, 3),
+                padding="SAME",
+                use_bias=True,
+                dtype=self.dtype,
+                name=f"conv{index + 1}",
+            )(x)
+            if self.use_batch_norm:
+                x = jbn.BatchNorm(
+                    **dict(self.batch_norm_kwargs or {}),
+                    axis_name=self.axis_name,
+                    dtype=self.dtype,
+                    name=f"bn{index + 1}",
+                )(x, is_training=is_training)
+            if not is_last or self.relu_on_logits:
+                x = nn.relu(x)
+            if not is_last:
+                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+        # TF's SAME average pool divides by the number of real (unpadded) inputs in the window;
+        # flax's default counts the padding, which would divide a 2x2 map by 16 instead of 4.
+        x = nn.avg_pool(
+            x, window_shape=(4, 4), strides=(4, 4), padding="SAME", count_include_pad=False
+        )
+        return x.reshape((x.shape[0], -1)).astype(jnp.float32)
+
+
+def _l2_regularizer(weight: float) -> Callable[[jax.Array], jax.Array]:
+    """`weight * sum(p**2)`: the loss jbn.BatchNorm sows for a regularized parameter."""
+    return lambda p: weight * jnp.sum(jnp.square(p))
+
+
+def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """jbn.BatchNorm keyword arguments from the `model` sub-config."""
+    kwargs: dict[str, Any] = dict(
+        decay=model_config.decay,
+        center=model_config.center,
+        scale=model_config.scale,
+        epsilon=model_config.epsilon,
+        zero_debias_moving_mean=model_config.zero_debias_moving_mean,
+        renorm=model_config.renorm,
+        renorm_decay=model_config.renorm_decay,
+        virtual_batch_size=model_config.virtual_batch_size,
+    )
+    if model_config.renorm:
+        rmax, dmax = model_config.renorm_rmax, model_config.renorm_dmax
+        clipping = {}
+        if rmax is not None:
+            clipping.update(rmax=rmax, rmin=1.0 / rmax)
+        if dmax is not None:
+            clipping.update(dmax=dmax)
+        kwargs["renorm_clipping"] = clipping or None
+    if model_config.batch_norm_l2 > 0:
+        regularizer = _l2_regularizer(model_config.batch_norm_l2)
+        kwargs["param_regularizers"] = {"beta": regularizer, "gamma": regularizer}
+    return kwargs
+
+
+def create_model(
+    model_config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
+) -> ConvNet:
+    """Builds the network described by the `model` sub-config.
+
+    `axis_name` is the pmap axis; it reaches batch norm only when `model.sync_batch_stats`.
+    """
+    return ConvNet(
+        num_classes=num_classes,
+        features=tuple(model_config.features),
+        use_batch_norm=model_config.use_batch_norm,
+        batch_norm_kwargs=batch_norm_kwargs(model_config) if model_config.use_batch_norm else None,
+        axis_name=axis_name if model_config.sync_batch_stats else None,
+        relu_on_logits=model_config.relu_on_logits,
+        dtype=jnp.dtype(model_config.dtype),
+    )
