@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.sync_batch_stats = True  # with several devices: statistics of the global batch
     model.relu_on_logits = True  # the document's ReLU after the last BN (non-negative logits)
     model.dtype = "float32"
+    # 'jbn' or 'flax' (flax.linen.BatchNorm, the comparison network of the benchmarks).
+    model.batch_norm_impl = "jbn"
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
     optimizer.name = "adam"  # 'adam' | 'adamw' | 'sgd'

@@ -159,3 +159,49 @@ def test_batch_norm_gets_the_config():
     assert models.create_model(config, 10, axis_name="batch").axis_name == "batch"
     config.sync_batch_stats = False
     assert models.create_model(config, 10, axis_name="batch").axis_name is None
+
+
+def test_flax_batch_norm_network_matches_the_jbn_network():
+    # The benchmarks' comparison network: same parameters, same training-mode outputs and
+    # moving means (flax's one-pass variance is accurate on this well-centred data).
+    config = default.get_config().model
+    config.scale = True
+    flax_config = config.copy_and_resolve_references()
+    flax_config.batch_norm_impl = "flax"
+    jbn_model = models.create_model(config, num_classes=10)
+    flax_model = models.create_model(flax_config, num_classes=10)
+    variables = init(jbn_model, (28, 28, 1))
+    renamed = {
+        "params": jax.tree.map(lambda v: v, variables["params"]),
+        "batch_stats": {
+            layer: {"mean": stats["moving_mean"], "var": stats["moving_variance"]}
+            for layer, stats in variables["batch_stats"].items()
+        },
+    }
+    for layer in renamed["params"]:
+        if layer.startswith("bn"):
+            params = renamed["params"][layer]
+            renamed["params"][layer] = {"bias": params["beta"], "scale": params["gamma"]}
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((8, 28, 28, 1)), jnp.float32)
+    run = lambda model, v: jax.jit(
+        functools.partial(model.apply, is_training=True, mutable=["batch_stats"])
+    )(v, images)
+    jbn_logits, jbn_updates = run(jbn_model, variables)
+    flax_logits, flax_updates = run(flax_model, renamed)
+    np.testing.assert_allclose(jbn_logits, flax_logits, rtol=1e-4, atol=1e-4)
+    for layer, stats in jbn_updates["batch_stats"].items():
+        np.testing.assert_allclose(
+            stats["moving_mean"], flax_updates["batch_stats"][layer]["mean"], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_unknown_batch_norm_impl_is_refused():
+    config = default.get_config().model
+    config.batch_norm_impl = "torch"
+    model = models.create_model(config, num_classes=10)
+    with pytest.raises(ValueError, match="batch_norm_impl must be 'jbn' or 'flax'"):
+        init(model, (28, 28, 1))
+    config.batch_norm_impl = "flax"
+    config.renorm = True
+    with pytest.raises(ValueError, match="does not support \\['renorm'\\]"):
+        init(models.create_model(config, num_classes=10), (28, 28, 1))

@@ -26,6 +26,9 @@ import ml_collections
 
 import jbn
 
+# jbn.BatchNorm arguments that batch_norm_impl='flax' maps onto flax.linen.BatchNorm.
+_FLAX_SUPPORTED = ("decay", "epsilon", "center", "scale")
+
 # Filters of the first four convolutions; the fifth has one filter per class.
 DOCUMENT_FEATURES: tuple[int, ...] = (64, 64, 32, 16)
 
@@ -44,6 +47,9 @@ class ConvNet(nn.Module):
       relu_on_logits: the document applies BN + ReLU to the last convolution too, which makes
         every logit non-negative; False leaves the last layer linear (conv -> BN -> avg pool).
       dtype: computation dtype of the convolutions (parameters stay float32).
+      batch_norm_impl: 'jbn' (jbn.BatchNorm) or 'flax' (flax.linen.BatchNorm with its default
+        one-pass variance and the same decay, epsilon, center, scale and axis_name), the
+        comparison network for benchmarks; 'flax' supports only those arguments.
     """
 
     num_classes: int
@@ -53,6 +59,30 @@ class ConvNet(nn.Module):
     axis_name: str | None = None
     relu_on_logits: bool = True
     dtype: Any = jnp.float32
+    batch_norm_impl: str = "jbn"
+
+    def _batch_norm(self, name: str) -> nn.Module:
+        kwargs = dict(self.batch_norm_kwargs or {})
+        if self.batch_norm_impl == "jbn":
+            return jbn.BatchNorm(**kwargs, axis_name=self.axis_name, dtype=self.dtype, name=name)
+        if self.batch_norm_impl == "flax":
+            unsupported = sorted(set(kwargs) - set(_FLAX_SUPPORTED))
+            # renorm_decay only matters with renorm, which is reported itself.
+            active = [
+                k for k in unsupported if k != "renorm_decay" and kwargs[k] not in (None, False)
+            ]
+            if active:
+                raise ValueError(f"batch_norm_impl='flax' does not support {active}.")
+            return nn.BatchNorm(
+                momentum=kwargs["decay"],
+                epsilon=kwargs["epsilon"],
+                use_bias=kwargs["center"],
+                use_scale=kwargs["scale"],
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                name=name,
+            )
+        raise ValueError(f"batch_norm_impl must be 'jbn' or 'flax', got {self.batch_norm_impl!r}.")
 
     @nn.compact
     def __call__(self, images: jax.Array, is_training: bool) -> jax.Array:
@@ -74,12 +104,11 @@ class ConvNet(nn.Module):
                 name=f"conv{index + 1}",
             )(x)
             if self.use_batch_norm:
-                x = jbn.BatchNorm(
-                    **dict(self.batch_norm_kwargs or {}),
-                    axis_name=self.axis_name,
-                    dtype=self.dtype,
-                    name=f"bn{index + 1}",
-                )(x, is_training=is_training)
+                norm = self._batch_norm(f"bn{index + 1}")
+                if self.batch_norm_impl == "flax":
+                    x = norm(x, use_running_average=not is_training)
+                else:
+                    x = norm(x, is_training=is_training)
             if not is_last or self.relu_on_logits:
                 x = nn.relu(x)
             if not is_last:
@@ -138,4 +167,5 @@ def create_model(
         axis_name=axis_name if model_config.sync_batch_stats else None,
         relu_on_logits=model_config.relu_on_logits,
         dtype=jnp.dtype(model_config.dtype),
+        batch_norm_impl=model_config.get("batch_norm_impl", "jbn"),
     )
