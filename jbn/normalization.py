@@ -151,9 +151,11 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
             p = sums[1] / safe_count
             centered = lambda coefficient: deviation * coefficient
         a = gamma * rstd
-        y_dot = x_dot * a - mean_dot * a - centered(gamma * rstd**3 * p)
+        # One `centered` term, so that the transpose has a single sum(dy * x) reduction.
+        coefficient = -gamma * rstd**3 * p
         if scale_dot is not None:
-            y_dot = y_dot + centered(scale_dot * rstd)
+            coefficient = coefficient + scale_dot * rstd
+        y_dot = x_dot * a - mean_dot * a + centered(coefficient)
         if offset_dot is not None:
             y_dot = y_dot + offset_dot
         return y_dot.astype(x.dtype), mean_dot, 2 * p

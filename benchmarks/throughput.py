@@ -1,0 +1,200 @@
+"""Train-step throughput of the document's network: jbn vs flax.linen.BatchNorm vs PyTorch.
+
+    python benchmarks/throughput.py [--batch 128] [--image 32,32,3] [--rounds 7] [--steps 10]
+
+Every variant trains the same network (train/models.py: five 3x3 convs with BN + ReLU, Adam,
+softmax cross-entropy) on the same random batch, and the variants are interleaved: each round
+runs `--steps` steps of every variant in turn, so load changes on a shared machine hit all of
+them alike. The table reports the median over rounds of images/s and ratios to `jbn`.
+
+JAX variants:
+* jbn: `jbn.BatchNorm` (the default config's network), one jitted step per dispatch, the train
+  state donated so XLA updates it in place;
+* flax: the same network with `flax.linen.BatchNorm(use_fast_variance=True)` (flax's default);
+* jbn-scan: `jbn` with `--scan` steps fused into one dispatch by `lax.scan` (amortizes the
+  Python dispatch and lets XLA overlap steps);
+* jbn-no-donate: `jbn` without buffer donation;
+* no-bn: the network without batch norm (what BN costs).
+PyTorch variants (if torch is installed, `pip install 'jbn[torch]'`): NCHW and channels_last,
+`torch.nn.BatchNorm2d(momentum=1 - decay, eps=epsilon)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import pathlib
+import platform
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import models
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def default_model_config():
+    """The `model` sub-config of configs/default.py (configs/ is a folder of files, no package)."""
+    spec = importlib.util.spec_from_file_location("default_config", REPO / "configs" / "default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().model
+
+
+def _jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 1) -> Callable:
+    """Returns run(steps) that performs `steps` training steps (a multiple of scan_steps)."""
+    num_classes = 10
+    model = models.create_model(model_config, num_classes)
+    variables = model.init(jax.random.key(0), batch[:1], is_training=False)
+    optimizer = optax.adam(1e-3)
+    state = (variables["params"], variables.get("batch_stats", {}), None)
+    state = (state[0], state[1], optimizer.init(state[0]))
+
+    def step(state, images, labels):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                is_training=True,
+                mutable=["batch_stats", "losses"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates.get("batch_stats", batch_stats)
+
+        grads, new_stats = jax.grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), new_stats, opt_state)
+
+    if scan_steps > 1:
+
+        def multi_step(state, images, labels):
+            def body(state, _):
+                return step(state, images, labels), None
+
+            return jax.lax.scan(body, state, None, length=scan_steps)[0]
+
+        compiled = jax.jit(multi_step, donate_argnums=(0,) if donate else ())
+    else:
+        compiled = jax.jit(step, donate_argnums=(0,) if donate else ())
+    images, labels = jnp.asarray(batch), jnp.asarray(labels)
+    holder = {"state": state}
+
+    def run(steps: int) -> None:
+        for _ in range(steps // scan_steps):
+            holder["state"] = compiled(holder["state"], images, labels)
+        jax.block_until_ready(holder["state"])
+
+    return run
+
+
+def _torch_variants(model_config, batch, labels) -> dict[str, Callable]:
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.manual_seed(0)
+    channels = batch.shape[-1]
+
+    def network():
+        layers, in_channels = [], channels
+        features = (*model_config.features, 10)
+        for index, out_channels in enumerate(features):
+            layers += [
+                torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True),
+                torch.nn.BatchNorm2d(
+                    out_channels, eps=model_config.epsilon, momentum=1 - model_config.decay
+                ),
+                torch.nn.ReLU(),
+            ]
+            if index < len(features) - 1:
+                # ceil_mode: TF's SAME pooling of an odd map (7 -> 4) keeps the last row.
+                layers.append(torch.nn.MaxPool2d(2, 2, ceil_mode=True))
+            in_channels = out_channels
+        # A 4x4/4 SAME average pool of the final 2x2 map that ignores padding is its mean.
+        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+        return torch.nn.Sequential(*layers)
+
+    variants = {}
+    for name, memory_format in (
+        ("torch-nchw", torch.contiguous_format),
+        ("torch-channels_last", torch.channels_last),
+    ):
+        net = network().to(memory_format=memory_format)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+        images = images.contiguous(memory_format=memory_format)
+        targets = torch.from_numpy(labels.astype(np.int64))
+
+        def run(steps, net=net, optimizer=optimizer, images=images, targets=targets):
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(net(images), targets).backward()
+                optimizer.step()
+
+        variants[name] = run
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image", default="32,32,3", help="H,W,C (the document: CIFAR-10)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--scan", type=int, default=5, help="steps per dispatch for jbn-scan")
+    args = parser.parse_args()
+    if args.steps % args.scan:
+        parser.error("--steps must be a multiple of --scan")
+
+    rng = np.random.default_rng(0)
+    shape = (args.batch, *(int(s) for s in args.image.split(",")))
+    batch = rng.standard_normal(shape).astype(np.float32)
+    labels = rng.integers(0, 10, args.batch).astype(np.int32)
+
+    config = default_model_config()
+    flax_config = config.copy_and_resolve_references()
+    flax_config.batch_norm_impl = "flax"
+    no_bn_config = config.copy_and_resolve_references()
+    no_bn_config.use_batch_norm = False
+    jax_variant = functools.partial(_jax_variant, batch=batch, labels=labels)
+    variants: dict[str, Callable] = {
+        "jbn": jax_variant(config, donate=True),
+        "flax": jax_variant(flax_config, donate=True),
+        "jbn-scan": jax_variant(config, donate=True, scan_steps=args.scan),
+        "jbn-no-donate": jax_variant(config, donate=False),
+        "no-bn": jax_variant(no_bn_config, donate=True),
+        **_torch_variants(config, batch, labels),
+    }
+    for run in variants.values():  # compile and warm up
+        run(args.steps)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run(args.steps)
+            samples[name].append(args.batch * args.steps / (time.perf_counter() - start))
+
+    print(
+        f"# {datetime.date.today()} {platform.node()} {platform.machine()} "
+        f"jax={jax.__version__} batch={args.batch} image={args.image} "
+        f"rounds={args.rounds}x{args.steps} steps"
+    )
+    print("| variant | images/s (median) | vs jbn |")
+    print("|---|---|---|")
+    reference = float(np.median(samples["jbn"]))
+    for name, values in samples.items():
+        median = float(np.median(values))
+        print(f"| {name} | {median:.0f} | {median / reference:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
