@@ -40,6 +40,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bn_ops.py
+	$(BIN)/python benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
