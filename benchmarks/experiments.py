@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ TARGET_ACCURACY = 0.90
 
 def load_config(name: str):
     """get_config() of configs/<name>.py, imported from the repository root like the CLI does."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # configs import each other as `configs.<name>`
     spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
