@@ -25,6 +25,22 @@ def check_floating(x, name: str) -> None:
         raise TypeError(f"{name} must have a floating dtype, got {dtype}; cast it first.")
 
 
+def as_float(value, name: str, expected: str) -> float:
+    """`float(value)`, or a TypeError naming the argument (bools are rejected too)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {value!r}.") from None
+
+
+def check_decay(value, name: str) -> None:
+    """A moving-average decay (weight on the old value) must lie in [0, 1)."""
+    if not 0.0 <= as_float(value, name, "a float in [0, 1)") < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}.")
+
+
 def normalize_axes(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
     """Returns `axes` as a sorted tuple of non-negative ints, rejecting bad or repeated axes."""
     if isinstance(axes, (int, np.integer)):

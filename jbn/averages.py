@@ -24,6 +24,8 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from jbn import _checks
+
 __all__ = ["MovingAverage", "MovingAverageState", "moving_average"]
 
 PyTree = Any
@@ -59,14 +61,9 @@ class MovingAverage(NamedTuple):
 
 
 def _check_decay(decay) -> None:
-    if decay is None:
-        return
-    if isinstance(decay, jax.core.Tracer):
-        return
-    if not 0.0 <= float(decay) < 1.0:
-        raise ValueError(
-            f"decay must be in [0, 1) (or None for a cumulative average), got {decay}."
-        )
+    # None is the cumulative average; a traced decay cannot be checked.
+    if decay is not None and not isinstance(decay, jax.core.Tracer):
+        _checks.check_decay(decay, "decay")
 
 
 def moving_average(decay: float | None, *, zero_debias: bool = False) -> MovingAverage:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jbn import _checks
 from jbn.averages import MovingAverageState, moving_average
 from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
 from jbn.renorm import batch_renorm
@@ -54,20 +55,6 @@ def _check_keys(mapping: Mapping[str, Any] | None, allowed: Sequence[str], name:
     unknown = sorted(set(mapping) - set(allowed))
     if unknown:
         raise ValueError(f"{name} has unknown keys {unknown}; allowed keys are {list(allowed)}.")
-
-
-def _as_float(value: Any, name: str, expected: str) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be {expected}, got {value!r}.")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be {expected}, got {value!r}.") from None
-
-
-def _check_decay(value: Any, name: str) -> None:
-    if not 0.0 <= _as_float(value, name, "a float in [0, 1)") < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}.")
 
 
 def _per_example(value: jax.Array, x: jax.Array, name: str) -> jax.Array:
@@ -230,9 +217,9 @@ class BatchNorm(nn.Module):
 
     def __post_init__(self) -> None:
         # Constructor arguments are checked here, so a bad TF1 port fails where it is written.
-        _check_decay(self.decay, "decay")
-        _check_decay(self.renorm_decay, "renorm_decay")
-        epsilon = _as_float(self.epsilon, "epsilon", "a positive float")
+        _checks.check_decay(self.decay, "decay")
+        _checks.check_decay(self.renorm_decay, "renorm_decay")
+        epsilon = _checks.as_float(self.epsilon, "epsilon", "a positive float")
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be positive and finite, got {self.epsilon}.")
         if self.data_format not in DATA_FORMATS:
@@ -303,8 +290,7 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_is_training(is_training)
         x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"x must have a floating dtype, got {x.dtype}; cast it first.")
+        _checks.check_floating(x, "x")
         if not MIN_RANK <= x.ndim <= MAX_RANK:
             raise ValueError(
                 f"x must have rank {MIN_RANK} to {MAX_RANK} (batch, [spatial...,] features), got "
