@@ -1,4 +1,7 @@
 # One entry point for everything: `make train` runs the main job, `make test` the whole suite.
+SHELL := /bin/bash
+# A failing benchmark fails `make bench` even when piped through tee.
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -38,9 +41,20 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n 2 tests
 
+EXPERIMENTS := bn_vs_no_bn decay small_batch multi_device jbn_vs_flax
+# Everything in the README's results section (about 2.5 hours on 2 CPU cores; the experiments
+# resume where they stopped when rerun). Needs the torch extra for the PyTorch columns.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bn_ops.py
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/pip install --quiet -e '.[torch]'
+	$(BIN)/python benchmarks/bn_ops.py | tee benchmarks/results/bn_ops.md
+	$(BIN)/python benchmarks/throughput.py | tee benchmarks/results/throughput.md
+	$(BIN)/python benchmarks/profile_step.py breakdown | tee benchmarks/results/profile_breakdown.md
+	$(BIN)/python benchmarks/profile_step.py xla-flags | tee benchmarks/results/profile_xla_flags.md
+	for experiment in $(EXPERIMENTS); do \
+		$(BIN)/python benchmarks/experiments.py $$experiment | tee benchmarks/results/$$experiment.md \
+		&& cp runs/experiments/$$experiment/results.json benchmarks/results/$$experiment.json \
+		&& cp runs/experiments/$$experiment/results.png benchmarks/results/$$experiment.png \
+		|| exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -48,7 +48,7 @@ def default_model_config():
     return module.get_config().model
 
 
-def _jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 1) -> Callable:
+def jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 1) -> Callable:
     """Returns run(steps) that performs `steps` training steps (a multiple of scan_steps)."""
     num_classes = 10
     model = models.create_model(model_config, num_classes)
@@ -96,39 +96,42 @@ def _jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int =
     return run
 
 
+def torch_network(model_config, channels: int):
+    """The document's network in PyTorch (NCHW modules), BN as `torch.nn.BatchNorm2d`."""
+    import torch
+
+    layers, in_channels = [], channels
+    features = (*model_config.features, 10)
+    for index, out_channels in enumerate(features):
+        layers += [
+            torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True),
+            torch.nn.BatchNorm2d(
+                out_channels, eps=model_config.epsilon, momentum=1 - model_config.decay
+            ),
+            torch.nn.ReLU(),
+        ]
+        if index < len(features) - 1:
+            # ceil_mode: TF's SAME pooling of an odd map (7 -> 4) keeps the last row.
+            layers.append(torch.nn.MaxPool2d(2, 2, ceil_mode=True))
+        in_channels = out_channels
+    # A 4x4/4 SAME average pool of the final 2x2 map that ignores padding is its mean.
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+    return torch.nn.Sequential(*layers)
+
+
 def _torch_variants(model_config, batch, labels) -> dict[str, Callable]:
     try:
         import torch
     except ImportError:
         return {}
     torch.manual_seed(0)
-    channels = batch.shape[-1]
-
-    def network():
-        layers, in_channels = [], channels
-        features = (*model_config.features, 10)
-        for index, out_channels in enumerate(features):
-            layers += [
-                torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True),
-                torch.nn.BatchNorm2d(
-                    out_channels, eps=model_config.epsilon, momentum=1 - model_config.decay
-                ),
-                torch.nn.ReLU(),
-            ]
-            if index < len(features) - 1:
-                # ceil_mode: TF's SAME pooling of an odd map (7 -> 4) keeps the last row.
-                layers.append(torch.nn.MaxPool2d(2, 2, ceil_mode=True))
-            in_channels = out_channels
-        # A 4x4/4 SAME average pool of the final 2x2 map that ignores padding is its mean.
-        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
-        return torch.nn.Sequential(*layers)
 
     variants = {}
     for name, memory_format in (
         ("torch-nchw", torch.contiguous_format),
         ("torch-channels_last", torch.channels_last),
     ):
-        net = network().to(memory_format=memory_format)
+        net = torch_network(model_config, batch.shape[-1]).to(memory_format=memory_format)
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
         images = images.contiguous(memory_format=memory_format)
@@ -165,13 +168,13 @@ def main() -> None:
     flax_config.batch_norm_impl = "flax"
     no_bn_config = config.copy_and_resolve_references()
     no_bn_config.use_batch_norm = False
-    jax_variant = functools.partial(_jax_variant, batch=batch, labels=labels)
+    variant = functools.partial(jax_variant, batch=batch, labels=labels)
     variants: dict[str, Callable] = {
-        "jbn": jax_variant(config, donate=True),
-        "flax": jax_variant(flax_config, donate=True),
-        "jbn-scan": jax_variant(config, donate=True, scan_steps=args.scan),
-        "jbn-no-donate": jax_variant(config, donate=False),
-        "no-bn": jax_variant(no_bn_config, donate=True),
+        "jbn": variant(config, donate=True),
+        "flax": variant(flax_config, donate=True),
+        "jbn-scan": variant(config, donate=True, scan_steps=args.scan),
+        "jbn-no-donate": variant(config, donate=False),
+        "no-bn": variant(no_bn_config, donate=True),
         **_torch_variants(config, batch, labels),
     }
     for run in variants.values():  # compile and warm up

@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_cpu_devices = 0
 
     config.log_every_steps = 50
+    # Test-set evaluation (and a checkpoint) at each epoch's end and, when > 0, every this many
+    # steps as well (finer curves, e.g. for how fast the moving averages become usable).
+    config.eval_every_steps = 0
     config.progress_bar = True
     config.checkpoint_max_to_keep = 2
     # Simulated preemption: save and stop after this global step (None: train to the end).

@@ -108,6 +108,19 @@ def test_resume_after_stops_equals_uninterrupted_run(uninterrupted, tmp_path):
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 32
 
 
+def test_eval_every_steps_adds_evaluations_without_changing_training(uninterrupted, tmp_path):
+    """Evaluating mid-epoch (every 6 steps of 16-step epochs) leaves training bitwise equal."""
+    _, reference = uninterrupted
+    result = train_lib.train_and_evaluate(smoke_config(eval_every_steps=6), str(tmp_path))
+    assert result.summary["state_sha256"] == reference.summary["state_sha256"]
+    events = metrics.read_events(str(tmp_path / "metrics.jsonl"))
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [6, 12, 16, 18, 24, 30, 32]
+    seconds = [e["train_seconds"] for e in evals]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    assert evals[-1]["test_accuracy"] == reference.summary["test_accuracy"]
+
+
 def test_finished_run_rerun_only_evaluates(uninterrupted, tmp_path):
     workdir, reference = uninterrupted
     again = train_lib.train_and_evaluate(smoke_config(), str(workdir))
@@ -304,6 +317,7 @@ def fake_layout(num_devices: int) -> train_lib.DeviceLayout:
         ({"optimizer.weight_decay": 0.1}, "weight_decay needs optimizer.name='adamw'"),
         ({"model.decay": 1.0}, r"model.decay must be in \[0, 1\)"),
         ({"num_epochs": 0}, "num_epochs must be >= 1"),
+        ({"eval_every_steps": -1}, "eval_every_steps must be >= 0"),
     ],
 )
 def test_bad_config_values_are_named(override, message):

@@ -27,6 +27,7 @@ RUN_CONTROL_FIELDS = frozenset(
     {
         "eval_batch_size",
         "log_every_steps",
+        "eval_every_steps",
         "progress_bar",
         "checkpoint_max_to_keep",
         "stop_after_steps",

@@ -320,6 +320,11 @@ def check_config(config: ml_collections.ConfigDict, layout: DeviceLayout) -> Non
         f"num_train_steps must be -1 (num_epochs) or >= 1, got {config.num_train_steps}",
     )
     require(config.log_every_steps >= 1, "log_every_steps must be >= 1")
+    require(
+        config.eval_every_steps >= 0,
+        f"eval_every_steps must be >= 0 (0: at the end of each epoch), got "
+        f"{config.eval_every_steps}",
+    )
     require(config.checkpoint_max_to_keep >= 1, "checkpoint_max_to_keep must be >= 1")
     stop = config.stop_after_steps
     require(stop is None or stop >= 1, f"stop_after_steps must be >= 1, got {stop}")
@@ -488,6 +493,12 @@ class _TrainLog:
         if self._window_start is not None:
             self._window_start += paused
 
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps so far (after the first), pauses excluded."""
+        if self._clock_start is None:
+            return 0.0
+        return time.perf_counter() - self._clock_start - self._paused
+
     def images_per_s(self) -> float | None:
         if not self.timed_images:
             return None
@@ -572,6 +583,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         epochs = range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch))
     else:  # a finished run (or one whose length was shortened): nothing left to train
         epochs = range(0)
+
+    def save(state: TrainState, step: int) -> TrainState:
+        jax.block_until_ready(state)  # the steps' time is not the pause's
+        with log.pause():
+            state = one_copy(state)
+            checkpointer.save(step, layout.unreplicate(state), config)
+        return state
+
+    def evaluate_and_save(state: TrainState, step: int) -> TrainState:
+        nonlocal last_eval
+        jax.block_until_ready(state)
+        train_seconds = log.train_seconds()
+        with log.pause():
+            state = one_copy(state)
+            last_eval = evaluate(p_eval_step, state, dataset, config, layout)
+            writer.write(
+                "eval",
+                step,
+                epoch=step / steps_per_epoch,
+                train_seconds=train_seconds,
+                **last_eval,
+            )
+            report(
+                f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): "
+                f"test loss {last_eval['test_loss']:.4f}, "
+                f"test accuracy {last_eval['test_accuracy']:.4f}"
+            )
+            checkpointer.save(step, layout.unreplicate(state), config)
+        return state
+
     with StopRequests() as stop_requests, progress:
         for epoch in epochs:
             batches = input_pipeline.train_batches(
@@ -587,7 +628,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 step += 1
                 progress.update(1)
                 log.add(step_metrics)
-                evaluate_now = step % steps_per_epoch == 0 or step == total_steps
+                evaluate_now = (
+                    step % steps_per_epoch == 0
+                    or step == total_steps
+                    or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
+                )
                 if step % config.log_every_steps == 0 or evaluate_now:
                     logged = log.flush()
                     writer.write(
@@ -606,20 +651,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     stopped_by = "stop_after_steps"
                 if layout.any_process(stop_requests.signal_name is not None):
                     stopped_by = stop_requests.signal_name or "a signal to another process"
-                if stopped_by or step == total_steps:
+                if stopped_by or step == total_steps or step % steps_per_epoch == 0:
                     break
-            jax.block_until_ready(state)  # the steps' time is not the pause's
-            with log.pause():
-                state = one_copy(state)
-                if evaluate_now:
-                    last_eval = evaluate(p_eval_step, state, dataset, config, layout)
-                    writer.write("eval", step, epoch=step / steps_per_epoch, **last_eval)
-                    report(
-                        f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): "
-                        f"test loss {last_eval['test_loss']:.4f}, "
-                        f"test accuracy {last_eval['test_accuracy']:.4f}"
-                    )
-                checkpointer.save(step, layout.unreplicate(state), config)
+                if evaluate_now:  # mid-epoch (eval_every_steps)
+                    state = evaluate_and_save(state, step)
+            state = evaluate_and_save(state, step) if evaluate_now else save(state, step)
             if stopped_by:
                 break
 
