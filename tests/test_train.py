@@ -127,6 +127,10 @@ def test_finished_run_rerun_only_evaluates(uninterrupted, tmp_path):
     assert again.summary["resumed_from_step"] == 32 and again.summary["steps"] == 32
     assert again.summary["state_sha256"] == reference.summary["state_sha256"]
     assert again.summary["test_loss"] == pytest.approx(reference.summary["test_loss"], rel=1e-6)
+    # The timing is the run's that trained, not this evaluation-only relaunch's.
+    for key in ("wall_time_s", "train_images_per_s"):
+        assert again.summary[key] == reference.summary[key]
+    assert json.loads((workdir / "summary.json").read_text()) == again.summary
 
 
 def test_sigint_saves_and_rerun_resumes_to_the_same_result(tmp_path, cache_dir):

@@ -694,7 +694,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             {"params": final_state.params, "batch_stats": final_state.batch_stats}
         ),
     }
+    summary_path = os.path.join(workdir, metrics.SUMMARY_FILE)
+    if step == start_step and os.path.exists(summary_path):
+        # Relaunched after the end: nothing trained, so the timing of the run that trained stays.
+        with open(summary_path) as file:
+            previous = json.load(file)
+        for key in ("wall_time_s", "train_images_per_s"):
+            summary[key] = previous.get(key, summary[key])
     if layout.is_primary:
-        metrics.write_summary(summary, os.path.join(workdir, metrics.SUMMARY_FILE))
+        metrics.write_summary(summary, summary_path)
     writer.close()
     return TrainResult(state=final_state, summary=summary, stopped_by=None)
