@@ -11,8 +11,7 @@ JAX variants:
 * jbn: `jbn.BatchNorm` (the default config's network), one jitted step per dispatch, the train
   state donated so XLA updates it in place;
 * flax: the same network with `flax.linen.BatchNorm(use_fast_variance=True)` (flax's default);
-* jbn-scan: `jbn` with `--scan` steps fused into one dispatch by `lax.scan` (amortizes the
-  Python dispatch and lets XLA overlap steps);
+* jbn-scan (with `--scan N`): `jbn` with N steps fused into one dispatch by `lax.scan`;
 * jbn-no-donate: `jbn` without buffer donation;
 * no-bn: the network without batch norm (what BN costs).
 PyTorch variants (if torch is installed, `pip install 'jbn[torch]'`): NCHW and channels_last,
@@ -153,9 +152,15 @@ def main() -> None:
     parser.add_argument("--image", default="32,32,3", help="H,W,C (the document: CIFAR-10)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
-    parser.add_argument("--scan", type=int, default=5, help="steps per dispatch for jbn-scan")
+    parser.add_argument(
+        "--scan",
+        type=int,
+        default=0,
+        help="steps per dispatch for a jbn-scan variant (0: none; about 15x slower per step on "
+        "XLA:CPU, so it lengthens the run many times)",
+    )
     args = parser.parse_args()
-    if args.steps % args.scan:
+    if args.scan and args.steps % args.scan:
         parser.error("--steps must be a multiple of --scan")
 
     rng = np.random.default_rng(0)
@@ -172,7 +177,7 @@ def main() -> None:
     variants: dict[str, Callable] = {
         "jbn": variant(config, donate=True),
         "flax": variant(flax_config, donate=True),
-        "jbn-scan": variant(config, donate=True, scan_steps=args.scan),
+        **({"jbn-scan": variant(config, donate=True, scan_steps=args.scan)} if args.scan else {}),
         "jbn-no-donate": variant(config, donate=False),
         "no-bn": variant(no_bn_config, donate=True),
         **_torch_variants(config, batch, labels),
