@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -78,25 +79,12 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
     config = throughput.default_model_config()
     model = models.create_model(config, 10)
     images, targets = jnp.asarray(batch), jnp.asarray(labels)
-    variables = model.init(jax.random.key(0), images[:1], is_training=False)
-    params, batch_stats = variables["params"], variables["batch_stats"]
     optimizer = optax.adam(1e-3)
-
-    def loss_fn(params, batch_stats):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            images,
-            is_training=True,
-            mutable=["batch_stats", "losses"],
-        )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        return loss, updates["batch_stats"]
-
-    def step(state):
-        params, batch_stats, opt_state = state
-        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params, batch_stats)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state
+    initial_state = throughput.jax_initial_state(model, optimizer, batch)
+    params, batch_stats, opt_state = initial_state
+    loss = throughput.jax_loss(model)
+    train_step = throughput.jax_train_step(model, optimizer)
+    step = lambda state: train_step(state, images, targets)
 
     def repeat(count):
         def steps(state):
@@ -135,8 +123,7 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
     def donated(function, per_call: int = 1):
         compiled = jax.jit(function, donate_argnums=0)
         # A copy per variant: donation deletes the buffers it is given.
-        state = (params, batch_stats, optimizer.init(params))
-        holder = {"state": jax.tree.map(jnp.copy, state)}
+        holder = {"state": jax.tree.map(jnp.copy, initial_state)}
 
         def run(count):
             for _ in range(count // per_call):
@@ -145,18 +132,18 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
 
         return run
 
-    grads_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
-    forward_fn = jax.jit(loss_fn)
+    grads_fn = jax.jit(jax.grad(loss, has_aux=True))
+    forward_fn = jax.jit(loss)
     adam_fn = jax.jit(lambda grads, opt_state: optimizer.update(grads, opt_state, params))
     some_grads = jax.tree.map(jnp.ones_like, params)
-    opt_state = optimizer.init(params)
     return {
         "jax step": donated(step),
         "jax forward+backward": lambda n: [
-            jax.block_until_ready(grads_fn(params, batch_stats)) for _ in range(n)
+            jax.block_until_ready(grads_fn(params, batch_stats, images, targets)) for _ in range(n)
         ],
         "jax forward": lambda n: [
-            jax.block_until_ready(forward_fn(params, batch_stats)) for _ in range(n)
+            jax.block_until_ready(forward_fn(params, batch_stats, images, targets))
+            for _ in range(n)
         ],
         "jax convolutions fwd+bwd NHWC": conv_stack(nchw=False),
         "jax convolutions fwd+bwd NCHW": conv_stack(nchw=True),
@@ -183,19 +170,10 @@ def torch_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[in
         ("contiguous", torch.contiguous_format),
         ("channels_last", torch.channels_last),
     ):
-        torch.manual_seed(0)
-        net = throughput.torch_network(config, batch.shape[-1]).to(memory_format=memory_format)
+        setup = throughput.torch_setup(config, batch, labels, memory_format)
+        net, images = setup.net, setup.images
+        targets = setup.targets
         convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
-        images = images.contiguous(memory_format=memory_format)
-        targets = torch.from_numpy(labels.astype(np.int64))
-
-        def step(n, net=net, optimizer=optimizer, images=images, targets=targets):
-            for _ in range(n):
-                optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(net(images), targets).backward()
-                optimizer.step()
 
         def forward_backward(n, net=net, images=images, targets=targets):
             for _ in range(n):
@@ -218,7 +196,7 @@ def torch_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[in
                     total = total + x.sum()
                 total.backward()
 
-        def adam(n, net=net, optimizer=optimizer):
+        def adam(n, net=net, optimizer=setup.optimizer):
             for parameter in net.parameters():
                 parameter.grad = torch.ones_like(parameter)
             for _ in range(n):
@@ -226,7 +204,7 @@ def torch_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[in
 
         parts.update(
             {
-                f"torch step {layout}": step,
+                f"torch step {layout}": functools.partial(throughput.torch_train_steps, setup),
                 f"torch forward+backward {layout}": forward_backward,
                 f"torch forward {layout}": forward,
                 f"torch convolutions fwd+bwd {layout}": conv_stack,

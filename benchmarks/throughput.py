@@ -28,6 +28,7 @@ import pathlib
 import platform
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,31 +48,48 @@ def default_model_config():
     return module.get_config().model
 
 
-def jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 1) -> Callable:
-    """Returns run(steps) that performs `steps` training steps (a multiple of scan_steps)."""
-    num_classes = 10
-    model = models.create_model(model_config, num_classes)
-    variables = model.init(jax.random.key(0), batch[:1], is_training=False)
-    optimizer = optax.adam(1e-3)
-    state = (variables["params"], variables.get("batch_stats", {}), None)
-    state = (state[0], state[1], optimizer.init(state[0]))
+def jax_loss(model) -> Callable:
+    """loss_fn(params, batch_stats, images, labels) -> (mean cross-entropy, new batch_stats)."""
+
+    def loss_fn(params, batch_stats, images, labels):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            is_training=True,
+            mutable=["batch_stats", "losses"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates.get("batch_stats", batch_stats)
+
+    return loss_fn
+
+
+def jax_train_step(model, optimizer: optax.GradientTransformation) -> Callable:
+    """step((params, batch_stats, opt_state), images, labels) -> the state after one step."""
+    loss_fn = jax_loss(model)
 
     def step(state, images, labels):
         params, batch_stats, opt_state = state
-
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                images,
-                is_training=True,
-                mutable=["batch_stats", "losses"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, updates.get("batch_stats", batch_stats)
-
-        grads, new_stats = jax.grad(loss_fn, has_aux=True)(params)
+        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), new_stats, opt_state)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    return step
+
+
+def jax_initial_state(model, optimizer: optax.GradientTransformation, batch: np.ndarray) -> tuple:
+    """(params, batch_stats, opt_state) of the network initialized from seed 0."""
+    variables = model.init(jax.random.key(0), batch[:1], is_training=False)
+    params = variables["params"]
+    return params, variables.get("batch_stats", {}), optimizer.init(params)
+
+
+def jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 1) -> Callable:
+    """Returns run(steps) that performs `steps` training steps (a multiple of scan_steps)."""
+    model = models.create_model(model_config, num_classes=10)
+    optimizer = optax.adam(1e-3)
+    state = jax_initial_state(model, optimizer, batch)
+    step = jax_train_step(model, optimizer)
 
     if scan_steps > 1:
 
@@ -118,32 +136,53 @@ def torch_network(model_config, channels: int):
     return torch.nn.Sequential(*layers)
 
 
+class TorchSetup(NamedTuple):
+    """The PyTorch network, its Adam optimizer and one NCHW batch in a given memory format."""
+
+    net: Any
+    optimizer: Any
+    images: Any
+    targets: Any
+
+
+def torch_setup(model_config, batch: np.ndarray, labels: np.ndarray, memory_format) -> TorchSetup:
+    """`torch_network` initialized from seed 0, Adam 1e-3, and `batch` (NHWC) as NCHW tensors."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch_network(model_config, batch.shape[-1]).to(memory_format=memory_format)
+    images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    return TorchSetup(
+        net=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+        images=images.contiguous(memory_format=memory_format),
+        targets=torch.from_numpy(labels.astype(np.int64)),
+    )
+
+
+def torch_train_steps(setup: TorchSetup, steps: int) -> None:
+    import torch
+
+    for _ in range(steps):
+        setup.optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(setup.net(setup.images), setup.targets).backward()
+        setup.optimizer.step()
+
+
 def _torch_variants(model_config, batch, labels) -> dict[str, Callable]:
     try:
         import torch
     except ImportError:
         return {}
-    torch.manual_seed(0)
-
-    variants = {}
-    for name, memory_format in (
-        ("torch-nchw", torch.contiguous_format),
-        ("torch-channels_last", torch.channels_last),
-    ):
-        net = torch_network(model_config, batch.shape[-1]).to(memory_format=memory_format)
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        images = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
-        images = images.contiguous(memory_format=memory_format)
-        targets = torch.from_numpy(labels.astype(np.int64))
-
-        def run(steps, net=net, optimizer=optimizer, images=images, targets=targets):
-            for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(net(images), targets).backward()
-                optimizer.step()
-
-        variants[name] = run
-    return variants
+    return {
+        name: functools.partial(
+            torch_train_steps, torch_setup(model_config, batch, labels, memory_format)
+        )
+        for name, memory_format in (
+            ("torch-nchw", torch.contiguous_format),
+            ("torch-channels_last", torch.channels_last),
+        )
+    }
 
 
 def main() -> None:

@@ -584,32 +584,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:  # a finished run (or one whose length was shortened): nothing left to train
         epochs = range(0)
 
-    def save(state: TrainState, step: int) -> TrainState:
-        jax.block_until_ready(state)  # the steps' time is not the pause's
-        with log.pause():
-            state = one_copy(state)
-            checkpointer.save(step, layout.unreplicate(state), config)
-        return state
-
-    def evaluate_and_save(state: TrainState, step: int) -> TrainState:
+    def pause_to_save(state: TrainState, step: int, *, evaluate_first: bool) -> TrainState:
+        """Checkpoints (after evaluating the test set if asked) outside the timed training."""
         nonlocal last_eval
-        jax.block_until_ready(state)
+        jax.block_until_ready(state)  # the steps' time is not the pause's
         train_seconds = log.train_seconds()
         with log.pause():
             state = one_copy(state)
-            last_eval = evaluate(p_eval_step, state, dataset, config, layout)
-            writer.write(
-                "eval",
-                step,
-                epoch=step / steps_per_epoch,
-                train_seconds=train_seconds,
-                **last_eval,
-            )
-            report(
-                f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): "
-                f"test loss {last_eval['test_loss']:.4f}, "
-                f"test accuracy {last_eval['test_accuracy']:.4f}"
-            )
+            if evaluate_first:
+                last_eval = evaluate(p_eval_step, state, dataset, config, layout)
+                writer.write(
+                    "eval",
+                    step,
+                    epoch=step / steps_per_epoch,
+                    train_seconds=train_seconds,
+                    **last_eval,
+                )
+                report(
+                    f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): "
+                    f"test loss {last_eval['test_loss']:.4f}, "
+                    f"test accuracy {last_eval['test_accuracy']:.4f}"
+                )
             checkpointer.save(step, layout.unreplicate(state), config)
         return state
 
@@ -654,8 +649,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if stopped_by or step == total_steps or step % steps_per_epoch == 0:
                     break
                 if evaluate_now:  # mid-epoch (eval_every_steps)
-                    state = evaluate_and_save(state, step)
-            state = evaluate_and_save(state, step) if evaluate_now else save(state, step)
+                    state = pause_to_save(state, step, evaluate_first=True)
+            state = pause_to_save(state, step, evaluate_first=evaluate_now)
             if stopped_by:
                 break
 
