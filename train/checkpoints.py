@@ -1,16 +1,25 @@
-"""Orbax checkpoints of the train state, with the run's config saved beside it.
+"""Orbax checkpoints of the train state, verified on restore, with the run's config beside it.
 
-Each checkpoint step holds two items: `state` (the train state as a plain state dict of host
-arrays: step, params, batch_stats, opt_state) and `config` (the run's config as JSON). Resuming
+Each checkpoint step holds three items: `state` (the train state as a plain state dict of host
+arrays: step, params, batch_stats, opt_state), `config` (the run's config as JSON) and
+`integrity` (JSON: the SHA-256 of the state's arrays and the fingerprint of the training data).
+Orbax stores arrays compressed without a checksum, so flipped bits on disk would restore as
+silently wrong weights: restoring recomputes the digest and refuses a mismatch. Resuming also
 compares the saved config with the current one and the saved arrays with the shapes the current
 model expects, so a checkpoint of another experiment is never silently reused.
+
+A save is read back and verified before older checkpoints are deleted (`max_to_keep`), and a
+non-finite state is never saved, so the newest intact checkpoints always survive. Resuming falls
+back past unreadable or corrupt checkpoints to the newest intact one and moves the bad ones to
+`<directory>.corrupt/` (they are never deleted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import flax.serialization
@@ -18,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 State = TypeVar("State")
 
@@ -44,7 +54,40 @@ RUN_CONTROL_FIELDS = frozenset(
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be resumed: unreadable, or from a different experiment."""
+    """A checkpoint that cannot be resumed: unreadable, corrupt, or from a different experiment."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint that cannot be read or fails verification; an older one may still be intact."""
+
+
+def tree_sha256(tree: Any) -> str:
+    """SHA-256 of a pytree's leaves (names, dtypes, shapes and bytes): equal iff bitwise equal."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """'params/conv1/kernel'-style paths of the floating-point leaves holding NaN or infinity."""
+    return [
+        _path_name(path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jax.dtypes.issubdtype(np.asarray(leaf).dtype, np.inexact)
+        and not np.all(np.isfinite(np.asarray(leaf)))
+    ]
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -90,7 +133,7 @@ def _array_signatures(state_dict: Mapping[str, Any]) -> dict[str, tuple[tuple[in
     """Maps 'params/conv1/kernel'-style paths to (shape, dtype)."""
     leaves = jax.tree_util.tree_flatten_with_path(state_dict)[0]
     return {
-        "/".join(str(getattr(key, "key", key)) for key in path): (
+        _path_name(path): (
             tuple(np.shape(leaf)),
             str(np.asarray(leaf).dtype),
         )
@@ -116,14 +159,20 @@ def _signature_mismatches(saved: Mapping[str, Any], expected: Mapping[str, Any])
 
 
 class Checkpointer:
-    """Saves and restores `(train state, config)` pairs under `directory`, one per step."""
+    """Saves, verifies and restores `(train state, config)` pairs under `directory`, one per step.
+
+    `max_to_keep`: the number of newest checkpoints kept; older ones are deleted only after a new
+    save has been read back intact.
+    """
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
+        self.max_to_keep = max_to_keep
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
+                # Deleting old checkpoints is ours (`_delete_old`): only after verification.
+                max_to_keep=None,
                 create=True,
                 # Saves are small and rare; synchronous saving makes "saved" mean on disk.
                 enable_async_checkpointing=False,
@@ -133,35 +182,98 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-        """Saves `state` (a pytree of host or single-device arrays) and `config` at `step`."""
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def location(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        config: ml_collections.ConfigDict,
+        data_fingerprint: str | None = None,
+    ) -> None:
+        """Saves `state` (a pytree of host or single-device arrays) and `config` at `step`.
+
+        The checkpoint is read back and checked against the digest of `state` before older
+        checkpoints beyond `max_to_keep` are deleted.
+
+        Raises:
+          ValueError: `state` holds NaN or infinity (a diverged run must not replace finite
+            checkpoints); nothing is written.
+          CorruptCheckpointError: the checkpoint does not read back as written (a failing disk);
+            the older checkpoints are kept.
+        """
         if step in self._manager.all_steps():
             return
         state_dict = jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
+        non_finite = non_finite_leaves(state_dict)
+        if non_finite:
+            raise ValueError(
+                f"refusing to save a non-finite state at step {step}; NaN or infinity in "
+                + ", ".join(non_finite)
+            )
+        integrity = {"state_sha256": tree_sha256(state_dict), "data_fingerprint": data_fingerprint}
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state_dict),
                 config=ocp.args.JsonSave(config_to_json(config)),
+                integrity=ocp.args.JsonSave(integrity),
             ),
         )
+        try:
+            self._read_verified(step)
+        except CorruptCheckpointError as error:
+            raise CorruptCheckpointError(
+                f"{error}. It was just written: the disk may be failing. The older checkpoints "
+                "were kept."
+            ) from error
+        self._delete_old()
+
+    def _delete_old(self) -> None:
+        for step in self.all_steps()[: -self.max_to_keep]:
+            self._manager.delete(step)
+
+    def _read(self, step: int, **items: Any) -> Any:
+        """Reads the named items of a checkpoint; anything orbax raises means it is unreadable."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax raises many types; all mean "unreadable".
+            # The first line is enough: orbax's messages go on for a screen.
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CorruptCheckpointError(
+                f"cannot read checkpoint {self.location(step)}: {type(error).__name__} {reason}"
+            ) from error
+
+    def _read_verified(self, step: int) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        """The saved state dict and integrity record of `step`, after checking the digest."""
+        # No target: orbax would return the saved shapes anyway, whatever the target says.
+        saved = self._read(step, state=ocp.args.StandardRestore(), integrity=ocp.args.JsonRestore())
+        integrity = saved.integrity
+        if not isinstance(integrity, Mapping) or "state_sha256" not in integrity:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.location(step)} has no digest to verify it with"
+            )
+        if tree_sha256(saved.state) != integrity["state_sha256"]:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.location(step)} is corrupt: its arrays do not match the "
+                "SHA-256 digest saved with them (bytes changed on disk)"
+            )
+        return saved.state, integrity
 
     def check_config(self, step: int, config: ml_collections.ConfigDict) -> None:
         """Raises CheckpointError unless the config saved at `step` is compatible with `config`.
 
         Cheap (reads one small JSON file): call it before loading data or building the model.
+        An unreadable config raises CorruptCheckpointError.
         """
-        location = os.path.join(self.directory, str(step))
-        try:
-            saved_config = self._manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-            ).config
-        except Exception as error:  # orbax raises many types; all mean "unreadable".
-            raise CheckpointError(
-                f"cannot read the config saved with checkpoint {location}: {error}"
-            ) from error
+        location = self.location(step)
+        saved_config = self._read(step, config=ocp.args.JsonRestore()).config
         if not isinstance(saved_config, Mapping):
-            raise CheckpointError(f"checkpoint {location} has no saved config")
+            raise CorruptCheckpointError(f"checkpoint {location} has no saved config")
         mismatches = config_mismatches(saved_config, config_to_json(config))
         if mismatches:
             raise CheckpointError(
@@ -169,27 +281,111 @@ class Checkpointer:
                 "--workdir or the checkpoint's config. Differences:\n  " + "\n  ".join(mismatches)
             )
 
+    def check_newest_config(self, config: ml_collections.ConfigDict) -> None:
+        """`check_config` for the newest checkpoint whose config is readable (if any).
+
+        Unreadable checkpoints are skipped here; `restore_latest` reports them.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                self.check_config(step, config)
+            except CorruptCheckpointError:
+                continue
+            return
+
     def restore(self, step: int, target: State) -> State:
         """Restores the state saved at `step` into the structure of `target`.
 
-        Raises CheckpointError when the checkpoint cannot be read or holds arrays of other names,
-        shapes or dtypes than `target`. Check the config first (`check_config`).
+        Raises:
+          CorruptCheckpointError: the checkpoint cannot be read, or its arrays do not match the
+            digest saved with them.
+          CheckpointError: it holds arrays of other names, shapes or dtypes than `target`.
+            Check the config first (`check_config`).
         """
-        location = os.path.join(self.directory, str(step))
-        expected = flax.serialization.to_state_dict(target)
-        try:
-            # No target: orbax would return the saved shapes anyway, whatever the target says.
-            saved = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-            ).state
-        except Exception as error:  # orbax raises many types; all mean "unreadable".
-            raise CheckpointError(f"cannot read checkpoint {location}: {error}") from error
-        mismatches = _signature_mismatches(saved, expected)
+        saved, _ = self._read_verified(step)
+        self._check_fits(step, saved, target)
+        return flax.serialization.from_state_dict(target, saved)
+
+    def _check_fits(self, step: int, saved: Mapping[str, Any], target: Any) -> None:
+        mismatches = _signature_mismatches(saved, flax.serialization.to_state_dict(target))
         if mismatches:
             raise CheckpointError(
-                f"checkpoint {location} does not fit the model:\n  " + "\n  ".join(mismatches)
+                f"checkpoint {self.location(step)} does not fit the model:\n  "
+                + "\n  ".join(mismatches)
             )
-        return flax.serialization.from_state_dict(target, saved)
+
+    def restore_latest(
+        self,
+        target: State,
+        config: ml_collections.ConfigDict,
+        data_fingerprint: str | None = None,
+        report: Callable[[str], None] = print,
+    ) -> tuple[int | None, State]:
+        """The newest intact checkpoint compatible with `config`, as (step, state).
+
+        Returns (None, target) when there is no checkpoint. Checkpoints that cannot be read or
+        fail verification are reported by path and skipped; once an intact one is found they are
+        moved to `<directory>.corrupt/`, so that the steps they held can be saved again.
+
+        Raises:
+          CheckpointError: no checkpoint is intact (nothing is moved; the message says how to
+            recover), or the newest intact one is of another config or model, or was trained on
+            other data than `data_fingerprint` (when both are known).
+        """
+        corrupt: list[int] = []
+        problems: list[str] = []
+        for step in reversed(self.all_steps()):
+            try:
+                self.check_config(step, config)
+                saved, integrity = self._read_verified(step)
+            except CorruptCheckpointError as error:
+                report(f"warning: {error}; trying an older checkpoint.")
+                corrupt.append(step)
+                problems.append(str(error))
+                continue
+            self._check_fits(step, saved, target)
+            saved_fingerprint = integrity.get("data_fingerprint")
+            if data_fingerprint and saved_fingerprint and saved_fingerprint != data_fingerprint:
+                raise CheckpointError(
+                    f"checkpoint {self.location(step)} was trained on different data "
+                    f"({saved_fingerprint}) than the data loaded now ({data_fingerprint}); "
+                    "point dataset.data_dir (or dataset.source) at the original data, or use "
+                    "another --workdir"
+                )
+            if corrupt:
+                moved_to = self._set_aside(corrupt)
+                report(
+                    f"Moved the unusable checkpoint(s) of step(s) {', '.join(map(str, corrupt))} "
+                    f"to {moved_to}; using the newest intact one, {self.location(step)}."
+                )
+            return step, flax.serialization.from_state_dict(target, saved)
+        if corrupt:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}:\n  "
+                + "\n  ".join(problems)
+                + f"\nTo start the run over, move them away (mv {self.directory} "
+                f"{self.directory}.bad) and rerun the same command; to resume from one anyway, "
+                "restore it from a backup."
+            )
+        return None, target
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Moves the given step directories to `<directory>.corrupt/` (process 0 only)."""
+        destination = f"{self.directory}.corrupt"
+        # Every process has finished reading before process 0 moves, and sees the moves after.
+        _sync_processes("jbn: before setting corrupt checkpoints aside")
+        if jax.process_index() == 0:
+            os.makedirs(destination, exist_ok=True)
+            for step in steps:
+                target = os.path.join(destination, str(step))
+                suffix = 1
+                while os.path.exists(target):  # set aside before: keep both
+                    suffix += 1
+                    target = os.path.join(destination, f"{step}.{suffix}")
+                os.replace(self.location(step), target)
+        _sync_processes("jbn: corrupt checkpoints set aside")
+        self._manager.reload()
+        return destination
 
     def close(self) -> None:
         self._manager.close()

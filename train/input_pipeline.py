@@ -24,6 +24,7 @@ and says how to fix it.
 import dataclasses
 import functools
 import gzip
+import hashlib
 import importlib
 import io
 import os
@@ -205,6 +206,24 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
                 f"{spec.image_shape}: the data in {origin} is not {spec.title}."
             )
     return _make_dataset(name, train, test, spec.num_classes)
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """Identifies the data a run trains on: split sizes and a SHA-256 of every image and label.
+
+    Equal for the same data whatever its path or source (local files, TFDS), different when any
+    byte differs; a resumed run compares it with the one saved in its checkpoint. Hashing
+    Fashion-MNIST (55 MB in memory) takes a fraction of a second.
+    """
+    digest = hashlib.sha256(dataset.name.encode())
+    for split in (dataset.train, dataset.test):
+        for array in (split.images, split.labels):
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).data)
+    return (
+        f"{dataset.name}: {len(dataset.train.labels)} train and {len(dataset.test.labels)} test "
+        f"examples, sha256 {digest.hexdigest()[:16]}"
+    )
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:

@@ -3,12 +3,19 @@
 Every record is an event: a JSON object with `event` ('train' or 'eval'), the global `step`,
 the fractional `epoch` and scalar values. The same scalars go to TensorBoard as
 '<event>/<name>'. Only the primary process (index 0) of a multi-process job writes.
+
+Every file is strict JSON (a NaN or infinite number is written as `null`) and survives being cut
+short: metrics.jsonl is append-only, its reader skips a torn line, and it is rewritten (when a
+resumed run drops the records it will redo) like summary.json and config.json: into a temporary
+file that then replaces the old one, so a crash leaves either the old or the new file whole.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,12 +28,79 @@ SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 
 
+def finite_or_none(value: Any) -> Any:
+    """`value` itself, or None for a NaN or infinite float (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _strict_json(data: Any, **kwargs: Any) -> str:
+    """JSON text of `data` with non-finite floats (at any depth) as null."""
+    return json.dumps(_jsonable(data), allow_nan=False, **kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return finite_or_none(value)
+
+
+def write_text_atomically(text: str, path: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same directory and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(
+        "w", dir=directory, prefix=f".{os.path.basename(path)}.", delete=False
+    ) as file:
+        temporary = file.name
+        try:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        except BaseException:
+            file.close()
+            os.unlink(temporary)
+            raise
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_json(data: Any, path: str) -> None:
+    """Strict, indented JSON (non-finite floats as null), written atomically."""
+    write_text_atomically(_strict_json(data, indent=2, sort_keys=True) + "\n", path)
+
+
+def read_json(path: str) -> Any | None:
+    """The JSON in `path`, or None if it is missing, empty or cut short."""
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
 def read_events(path: str) -> list[dict[str, Any]]:
-    """The events of a metrics.jsonl file, oldest first (none if it does not exist)."""
+    """The events of a metrics.jsonl file, oldest first (none if it does not exist).
+
+    Lines that are not a JSON object (a record cut short by a crash or a full disk) are skipped.
+    """
     if not os.path.exists(path):
         return []
+    events = []
     with open(path) as file:
-        return [json.loads(line) for line in file if line.strip()]
+        for line in file:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and "event" in event and "step" in event:
+                events.append(event)
+    return events
 
 
 class MetricsWriter:
@@ -44,8 +118,8 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         kept = [event for event in read_events(self.path) if event["step"] <= keep_until_step]
-        with open(self.path, "w") as file:
-            file.writelines(json.dumps(event) + "\n" for event in kept)
+        # Also drops a torn last line, which the next append would otherwise extend.
+        write_text_atomically("".join(_strict_json(event) + "\n" for event in kept), self.path)
         self._tensorboard = tensorboardX.SummaryWriter(logdir=workdir)
 
     def write(self, event: str, step: int, **scalars: float) -> None:
@@ -54,7 +128,7 @@ class MetricsWriter:
         record = {"event": event, "step": int(step), "time": time.time()}
         record.update({name: float(value) for name, value in scalars.items()})
         with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(_strict_json(record) + "\n")
         for name, value in scalars.items():
             if name != "epoch":
                 self._tensorboard.add_scalar(f"{event}/{name}", float(value), global_step=step)
@@ -90,9 +164,7 @@ def plot_curves(events: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def write_summary(summary: Mapping[str, Any], path: str) -> None:
-    with open(path, "w") as file:
-        json.dump(summary, file, indent=2, sort_keys=True)
-        file.write("\n")
+    write_json(summary, path)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

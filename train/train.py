@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import signal
@@ -43,6 +41,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(Exception):
     """A config value that cannot work; the message names the field."""
+
+
+class DivergenceError(Exception):
+    """Training produced NaN or infinity; the message names the step. Nothing after it is saved."""
 
 
 class TrainState(train_state.TrainState):
@@ -366,7 +368,8 @@ class StopRequests(contextlib.AbstractContextManager):
     """Turns SIGINT/SIGTERM into a request to stop after the current step.
 
     A second signal of either kind restores the default handlers and raises KeyboardInterrupt,
-    so an impatient user can still abort at once.
+    so an impatient user can still abort at once; inside `finishing(task)` (a checkpoint being
+    written) the abort waits until the task is done, so that no write is torn.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -374,13 +377,38 @@ class StopRequests(contextlib.AbstractContextManager):
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._finishing: str | None = None
+        self._abort_after: str | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = name
+            tqdm.tqdm.write(f"{name}: stopping after this step (again to abort).")
+        elif self._finishing is not None:
+            self._abort_after = name
+            tqdm.tqdm.write(f"{name}: aborting once {self._finishing} is written.")
+        else:
             self._restore()
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        tqdm.tqdm.write(f"{self.signal_name}: stopping after this step (again to abort).")
+
+    @contextlib.contextmanager
+    def finishing(self, task: str) -> Any:
+        """Defers an abort (a second signal) until `task`, e.g. 'the checkpoint of step 5', ends.
+
+        Raises KeyboardInterrupt after the block if a second signal came during it.
+        """
+        self._finishing = task
+        try:
+            yield
+        finally:
+            self._finishing = None
+        if self._abort_after is not None:
+            self._restore()
+            raise KeyboardInterrupt(
+                f"Aborted by a second {self._abort_after} after it finished writing {task}; "
+                "rerunning the same command resumes from there."
+            )
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -398,16 +426,6 @@ class StopRequests(contextlib.AbstractContextManager):
 
 
 # ----------------------------------------------------------------------------- loop
-
-
-def tree_sha256(tree: Any) -> str:
-    """SHA-256 of a pytree's leaves (names, dtypes, shapes and bytes): equal iff bitwise equal."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def count_params(params: Any) -> int:
@@ -438,9 +456,7 @@ def evaluate(
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as file:
-        json.dump(checkpoints.config_to_json(config), file, indent=2, sort_keys=True)
-        file.write("\n")
+    metrics.write_json(checkpoints.config_to_json(config), os.path.join(workdir, "config.json"))
 
 
 class _TrainLog:
@@ -520,10 +536,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpointer = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint_max_to_keep
     )
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:  # before the slow part: a wrong workdir fails at once
-        checkpointer.check_config(resumed_from, config)
+    # Before the slow part: a workdir of another experiment fails at once.
+    checkpointer.check_newest_config(config)
     dataset = input_pipeline.load_dataset(config.dataset)
+    data_fingerprint = input_pipeline.data_fingerprint(dataset)
     if config.batch_size > len(dataset.train.labels):
         raise ConfigError(
             f"batch_size={config.batch_size} exceeds the {len(dataset.train.labels)} training "
@@ -543,8 +559,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tx = create_optimizer(config.optimizer, schedule)
     image_shape = tuple(dataset.train.images.shape[1:])
     state = create_train_state(jax.random.key(config.seed), model, image_shape, tx)
-    if resumed_from is not None:
-        state = checkpointer.restore(resumed_from, state)
+    resumed_from, state = checkpointer.restore_latest(
+        state, config, data_fingerprint, report=print if layout.is_primary else lambda _: None
+    )
     start_step = int(state.step)
     writer = metrics.MetricsWriter(workdir, keep_until_step=start_step, enabled=layout.is_primary)
     if layout.is_primary:
@@ -605,8 +622,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"test loss {last_eval['test_loss']:.4f}, "
                     f"test accuracy {last_eval['test_accuracy']:.4f}"
                 )
-            checkpointer.save(step, layout.unreplicate(state), config)
+            host_state = layout.unreplicate(state)
+            non_finite = checkpoints.non_finite_leaves(host_state)
+            if non_finite:
+                raise DivergenceError(
+                    f"training diverged by step {step}: NaN or infinity in "
+                    f"{', '.join(non_finite[:3])}{' ...' if len(non_finite) > 3 else ''}. "
+                    + diverged_advice
+                )
+            with stop_requests.finishing(f"the checkpoint of step {step}"):
+                checkpointer.save(step, host_state, config, data_fingerprint)
         return state
+
+    diverged_advice = (
+        f"Nothing after it was saved; the finite checkpoints before it (if any) are in "
+        f"{checkpointer.directory}. Lower optimizer.learning_rate (or add warmup) and train in "
+        "a new --workdir, or rerun to retry from the last checkpoint."
+    )
 
     with StopRequests() as stop_requests, progress:
         for epoch in epochs:
@@ -642,6 +674,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         acc=f"{logged['accuracy']:.3f}",
                         img_s=f"{logged['images_per_s']:.0f}",
                     )
+                    # The mean of the window's losses, already on the host: a NaN or infinity
+                    # at any step since the last log shows here, at no extra device sync.
+                    if not math.isfinite(logged["loss"]):
+                        raise DivergenceError(
+                            f"training diverged: the mean train loss of the steps up to step "
+                            f"{step} is {logged['loss']}. " + diverged_advice
+                        )
                 if step == config.stop_after_steps:
                     stopped_by = "stop_after_steps"
                 if layout.any_process(stop_requests.signal_name is not None):
@@ -685,15 +724,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "devices": layout.num_devices,
         "processes": layout.num_processes,
         "resumed_from_step": resumed_from,
-        "state_sha256": tree_sha256(
+        "data_fingerprint": data_fingerprint,
+        "state_sha256": checkpoints.tree_sha256(
             {"params": final_state.params, "batch_stats": final_state.batch_stats}
         ),
     }
     summary_path = os.path.join(workdir, metrics.SUMMARY_FILE)
-    if step == start_step and os.path.exists(summary_path):
+    previous = metrics.read_json(summary_path) if step == start_step else None
+    if isinstance(previous, dict):
         # Relaunched after the end: nothing trained, so the timing of the run that trained stays.
-        with open(summary_path) as file:
-            previous = json.load(file)
         for key in ("wall_time_s", "train_images_per_s"):
             summary[key] = previous.get(key, summary[key])
     if layout.is_primary:
