@@ -144,6 +144,35 @@ def test_idx_label_out_of_range_raises_naming_file(tmp_path):
         input_pipeline.load_dataset(make_config(data_dir=str(tmp_path)))
 
 
+def test_data_fingerprint_follows_the_content_not_the_files(tmp_path):
+    """Same images and labels in other files (raw vs gzip): equal. One pixel or label: differs."""
+    write_idx_dataset(tmp_path / "gz", gz=True, seed=3)
+    written = write_idx_dataset(tmp_path / "raw", gz=False, seed=3)
+    fingerprints = {
+        name: input_pipeline.data_fingerprint(
+            input_pipeline.load_dataset(make_config(data_dir=str(tmp_path / name)))
+        )
+        for name in ("gz", "raw")
+    }
+    assert fingerprints["gz"] == fingerprints["raw"]
+    assert fingerprints["gz"].startswith("fashion_mnist: 23 train and 7 test examples, sha256 ")
+
+    images, labels = written["test"]
+    for changed_images, changed_labels in ((images.copy(), labels), (images, labels.copy())):
+        if changed_images is not images:
+            changed_images[6, 27, 27] ^= 1
+        else:
+            changed_labels[6] = (changed_labels[6] + 1) % 10
+        directory = tmp_path / f"changed_{len(fingerprints)}"
+        write_idx_dataset(directory, gz=True, seed=3)
+        write_file(directory / "t10k-images-idx3-ubyte.gz", idx_bytes(changed_images))
+        write_file(directory / "t10k-labels-idx1-ubyte.gz", idx_bytes(changed_labels))
+        fingerprints[directory.name] = input_pipeline.data_fingerprint(
+            input_pipeline.load_dataset(make_config(data_dir=str(directory)))
+        )
+    assert len(set(fingerprints.values())) == 3
+
+
 def test_real_fashion_mnist():
     dataset = input_pipeline.load_dataset(make_config(source="auto"))
 

@@ -184,6 +184,31 @@ def test_restore_verifies_the_digest(stopped_run):
     checkpointer.close()
 
 
+def test_older_checkpoints_are_deleted_only_after_the_new_one_reads_back_intact(
+    tmp_path, monkeypatch
+):
+    """A save whose read-back does not match (bytes changed on the way to disk) keeps the older
+    checkpoint, although max_to_keep=1 would otherwise delete it."""
+    config = smoke_config()
+    state = {"params": {"w": np.arange(4, dtype=np.float32)}, "step": np.int32(1)}
+    checkpointer = checkpoints.Checkpointer(str(tmp_path), max_to_keep=1)
+    checkpointer.save(1, state, config)
+    real_digest = checkpoints.tree_sha256
+    digests = []
+
+    def digest_then_bit_rot(tree):  # the digest at save is right, the read-back differs
+        digests.append(real_digest(tree))
+        return digests[-1] if len(digests) == 1 else "0" * 64
+
+    monkeypatch.setattr(checkpoints, "tree_sha256", digest_then_bit_rot)
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="just written"):
+        checkpointer.save(2, {**state, "step": np.int32(2)}, config)
+    monkeypatch.undo()
+    assert checkpointer.all_steps() == [1, 2]
+    assert int(checkpointer.restore(1, state)["step"]) == 1
+    checkpointer.close()
+
+
 # ----------------------------------------------------------------------------- divergence
 
 

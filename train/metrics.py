@@ -130,7 +130,8 @@ class MetricsWriter:
         with open(self.path, "a") as file:
             file.write(_strict_json(record) + "\n")
         for name, value in scalars.items():
-            if name != "epoch":
+            # A non-finite value (a diverged run) is null in metrics.jsonl and absent here.
+            if name != "epoch" and math.isfinite(value):
                 self._tensorboard.add_scalar(f"{event}/{name}", float(value), global_step=step)
         self._tensorboard.flush()
 
