@@ -154,6 +154,24 @@ def test_unreadable_checkpoints_are_reported_and_skipped(stopped_run, damage, ca
     assert not bad.exists()  # moved aside, so that a later save of that step is not skipped
 
 
+def test_truncated_checkpoint_on_the_command_line_is_one_warning(stopped_run, cache_dir):
+    """No traceback from orbax's abandoned reads: one warning naming the file, then the resume."""
+    path = largest_file(stopped_run / "checkpoints" / "20")
+    path.write_bytes(path.read_bytes()[:1000])
+    result = train_testing.run_cli(
+        "--config=configs/smoke.py",
+        f"--workdir={stopped_run}",
+        "--config.progress_bar=False",
+        "--config.stop_after_steps=21",
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    for echo in ("Traceback", "RuntimeError", "never retrieved"):
+        assert echo not in result.stderr, result.stderr
+    assert f"warning: cannot read checkpoint {stopped_run / 'checkpoints' / '20'}" in result.stdout
+    assert "Resuming from" in result.stdout and checkpoint_steps(stopped_run) == [16, 21]
+
+
 def test_no_intact_checkpoint_stops_with_recovery_advice(stopped_run):
     for step in (16, 20):
         flip_bytes(largest_file(stopped_run / "checkpoints" / str(step)))

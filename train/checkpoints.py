@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -79,6 +81,31 @@ def non_finite_leaves(tree: Any) -> list[str]:
         if jax.dtypes.issubdtype(np.asarray(leaf).dtype, np.inexact)
         and not np.all(np.isfinite(np.asarray(leaf)))
     ]
+
+
+def _quiet_abandoned_reads() -> None:
+    """Silences the echoes of a failed orbax read (installed once, after the first failure).
+
+    When one array of a checkpoint cannot be read, orbax gives up and closes its event loop,
+    but tensorstore still completes the other reads and calls back into the closed loop: each
+    callback would print a 'RuntimeError: Event loop is closed' traceback (through
+    sys.unraisablehook), and asyncio logs the other failed reads as 'Task exception was never
+    retrieved', although the failure has been reported. Other unraisable exceptions still reach
+    the previous hook.
+    """
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+    if getattr(previous, "_jbn_quiet_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jbn_quiet_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def _sync_processes(name: str) -> None:
@@ -242,6 +269,7 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax raises many types; all mean "unreadable".
+            _quiet_abandoned_reads()
             # The first line is enough: orbax's messages go on for a screen.
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CorruptCheckpointError(
