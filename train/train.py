@@ -636,8 +636,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     diverged_advice = (
         f"Nothing after it was saved; the finite checkpoints before it (if any) are in "
-        f"{checkpointer.directory}. Lower optimizer.learning_rate (or add warmup) and train in "
-        "a new --workdir, or rerun to retry from the last checkpoint."
+        f"{checkpointer.directory}. The run is deterministic, so rerunning the same command "
+        "diverges again: lower optimizer.learning_rate (or add warmup) in a new --workdir."
     )
 
     with StopRequests() as stop_requests, progress:
