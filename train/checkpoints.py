@@ -16,12 +16,13 @@ back past unreadable or corrupt checkpoints to the newest intact one and moves t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import flax.serialization
@@ -29,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 State = TypeVar("State")
@@ -83,11 +85,29 @@ def non_finite_leaves(tree: Any) -> list[str]:
     ]
 
 
-def _quiet_abandoned_reads() -> None:
-    """Silences the echoes of a failed orbax read (installed once, after the first failure).
+def _first_line(error: Exception) -> str:
+    """The error's type and first line: orbax's messages go on for a screen."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__} {lines[0]}" if lines else type(error).__name__
 
-    When one array of a checkpoint cannot be read, orbax gives up and closes its event loop,
-    but tensorstore still completes the other reads and calls back into the closed loop: each
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged() -> Iterator[None]:
+    """Within the block: no absl log records below FATAL, and no 'Event loop is closed' echoes."""
+    _quiet_abandoned_io()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def _quiet_abandoned_io() -> None:
+    """Silences the echoes of a failed orbax read or write (installed once, at the first failure).
+
+    When one array of a checkpoint cannot be read or written, orbax gives up and closes its event
+    loop, but tensorstore still completes the other reads and calls back into the closed loop: each
     callback would print a 'RuntimeError: Event loop is closed' traceback (through
     sys.unraisablehook), and asyncio logs the other failed reads as 'Task exception was never
     retrieved', although the failure has been reported. Other unraisable exceptions still reach
@@ -95,7 +115,7 @@ def _quiet_abandoned_reads() -> None:
     """
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     previous = sys.unraisablehook
-    if getattr(previous, "_jbn_quiet_abandoned_reads", False):
+    if getattr(previous, "_jbn_quiet_abandoned_io", False):
         return
 
     def hook(unraisable: Any) -> None:
@@ -104,7 +124,7 @@ def _quiet_abandoned_reads() -> None:
             return
         previous(unraisable)
 
-    hook._jbn_quiet_abandoned_reads = True
+    hook._jbn_quiet_abandoned_io = True
     sys.unraisablehook = hook
 
 
@@ -230,6 +250,7 @@ class Checkpointer:
         Raises:
           ValueError: `state` holds NaN or infinity (a diverged run must not replace finite
             checkpoints); nothing is written.
+          CheckpointError: the checkpoint cannot be written (e.g. a full disk).
           CorruptCheckpointError: the checkpoint does not read back as written (a failing disk);
             the older checkpoints are kept.
         """
@@ -243,14 +264,23 @@ class Checkpointer:
                 + ", ".join(non_finite)
             )
         integrity = {"state_sha256": tree_sha256(state_dict), "data_fingerprint": data_fingerprint}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state_dict),
-                config=ocp.args.JsonSave(config_to_json(config)),
-                integrity=ocp.args.JsonSave(integrity),
-            ),
-        )
+        try:
+            # A failed write reaches us as the exception below; orbax's worker threads would
+            # also log it, each with a traceback, and tensorstore echo it into a closed loop.
+            with _orbax_errors_unlogged():
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state_dict),
+                        config=ocp.args.JsonSave(config_to_json(config)),
+                        integrity=ocp.args.JsonSave(integrity),
+                    ),
+                )
+        except Exception as error:  # e.g. a full disk; orbax raises many types
+            raise CheckpointError(
+                f"cannot write checkpoint {self.location(step)}: {_first_line(error)}. The "
+                "older checkpoints were kept."
+            ) from error
         try:
             self._read_verified(step)
         except CorruptCheckpointError as error:
@@ -269,11 +299,9 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax raises many types; all mean "unreadable".
-            _quiet_abandoned_reads()
-            # The first line is enough: orbax's messages go on for a screen.
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _quiet_abandoned_io()
             raise CorruptCheckpointError(
-                f"cannot read checkpoint {self.location(step)}: {type(error).__name__} {reason}"
+                f"cannot read checkpoint {self.location(step)}: {_first_line(error)}"
             ) from error
 
     def _read_verified(self, step: int) -> tuple[dict[str, Any], Mapping[str, Any]]:
