@@ -398,6 +398,22 @@ def test_export_of_a_corrupt_checkpoint_is_one_error_line(exported_run, tmp_path
     assert not (workdir / "export").exists()
 
 
+def test_an_export_that_disagrees_with_the_model_is_refused(exported_run, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(exported_run[0], workdir)
+    shutil.rmtree(workdir / "export")
+    right = export.batch_norm_inference_statistics
+
+    def zero_debias_forgotten(batch_norm, params, batch_stats):
+        stats, affine, epsilon = right(batch_norm, params, batch_stats)
+        return {**stats, "moving_mean": batch_stats["moving_mean_biased"]}, affine, epsilon
+
+    monkeypatch.setattr(export, "batch_norm_inference_statistics", zero_debias_forgotten)
+    with pytest.raises(export.ExportError, match="differ from the checkpoint's eval-mode"):
+        export.export_run(str(workdir))
+    assert not (workdir / "export").exists()
+
+
 # ----------------------------------------------------------------------------- predict
 
 
