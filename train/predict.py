@@ -122,6 +122,17 @@ def read_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     return pixels.reshape(height, width, channels)
 
 
+def _why_unreadable(error: Exception) -> str:
+    """What went wrong reading an image, without repeating its path."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file that Pillow can read"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror  # e.g. 'No such file or directory'
+    return f"cannot decode the image ({error})"
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
@@ -174,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             images.append(read_image(path, model.image_shape))
             readable.append(path)
         except (OSError, ValueError, SyntaxError) as error:  # Pillow's decoders raise these.
-            failures[path] = f"cannot read {path} as an image: {error}"
+            failures[path] = f"{path}: {_why_unreadable(error)}"
             print(f"error: {failures[path]}", file=sys.stderr)
 
     predictions = {}
