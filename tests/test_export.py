@@ -345,6 +345,21 @@ def test_a_batch_norm_after_something_else_than_a_layer_is_refused():
         export.find_folds(model, variables, x, is_training=False)
 
 
+def test_a_layer_without_bias_is_refused():
+    class NoBias(nn.Module):
+        @nn.compact
+        def __call__(self, x, is_training):
+            y = nn.Dense(3, use_bias=False, name="dense")(x)
+            return jbn.BatchNorm(name="bn")(y, is_training=is_training)
+
+    model = NoBias()
+    x = jnp.ones((2, 4))
+    variables = model.init(jax.random.key(0), x, is_training=False)
+    folds = export.find_folds(model, variables, x, is_training=False)
+    with pytest.raises(export.ExportError, match="bn into dense: the layer has no bias"):
+        export.fold_batch_norms(folds, variables)
+
+
 def test_a_model_without_batch_norm_is_exported_unfolded_and_says_so(tmp_path):
     overrides = {"model.use_batch_norm": False, "model.features": (4, 4, 4, 4)}
     config = smoke_config({**overrides, "num_train_steps": 2})

@@ -141,11 +141,20 @@ def fold_batch_norms(folds: Sequence[Fold], variables: Mapping[str, Any]) -> dic
     """The `params` of the folded model: each fold's layer takes its batch norm's inference.
 
     The batch norms' own parameters are dropped; run the result with `folded_apply`.
+
+    Raises:
+      ExportError: a layer without a bias (the batch norm's offset would have nowhere to go),
+        or whose kernel does not fit its batch norm.
     """
     flat_params = traverse_util.flatten_dict(dict(variables["params"]))
     flat_stats = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
     for fold in folds:
         norm, layer = fold.batch_norm_path, fold.layer_path
+        if (*layer, "bias") not in flat_params:
+            raise ExportError(
+                f"cannot fold {'/'.join(norm)} into {'/'.join(layer)}: the layer has no bias to "
+                "take the batch norm's offset (give it one, e.g. use_bias=True)."
+            )
         stats, affine, epsilon = batch_norm_inference_statistics(
             fold.batch_norm, _variables_of(flat_params, norm), _variables_of(flat_stats, norm)
         )
@@ -162,8 +171,7 @@ def fold_batch_norms(folds: Sequence[Fold], variables: Mapping[str, Any]) -> dic
                 f"cannot fold {'/'.join(norm)} into {'/'.join(layer)}: {error}"
             ) from None
         flat_params[(*layer, "kernel")] = kernel
-        if (*layer, "bias") in flat_params or bias is not None:
-            flat_params[(*layer, "bias")] = bias
+        flat_params[(*layer, "bias")] = bias
         for name in _variables_of(flat_params, norm):
             del flat_params[(*norm, name)]
     return traverse_util.unflatten_dict(flat_params)
