@@ -491,3 +491,22 @@ def test_predict_without_an_export_is_one_error_line(tmp_path, cache_dir):
     image = write_image(tmp_path / "x.png", np.zeros(IMAGE_SHAPE, np.uint8))
     completed = run_module("train.predict", "--workdir", str(tmp_path), image, cache_dir=cache_dir)
     assert_one_error_line(completed, "no exported model", "python -m train.export")
+
+
+def test_read_image_converts_to_the_datasets_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 65536, size=(12, 10), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    np.testing.assert_array_equal(
+        predict.read_image(str(tmp_path / "gray16.png"), (12, 10, 1))[..., 0],
+        np.round(gray16 / 257.0),  # full range kept, not clipped at 255
+    )
+    rgb = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601
+    gray = predict.read_image(str(tmp_path / "rgb.png"), (12, 10, 1))[..., 0]
+    assert np.max(np.abs(gray - luma)) <= 1
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    as_rgb = predict.read_image(str(tmp_path / "gray.png"), (6, 5, 3))
+    assert as_rgb.shape == (6, 5, 3) and as_rgb.dtype == np.uint8
+    np.testing.assert_array_equal(as_rgb[..., 0], as_rgb[..., 2])

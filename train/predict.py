@@ -104,8 +104,9 @@ def load_exported_model(workdir: str) -> ExportedModel:
 def read_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     """Reads an image file as uint8 (H, W, C) in the dataset's size and channels.
 
-    EXIF orientation is applied; color images become grayscale for C=1 (ITU-R 601 luma) and
-    grayscale ones RGB for C=3; the image is stretched (not cropped) to H x W.
+    EXIF orientation is applied; 16-bit grayscale is scaled to 8 bits; color images become
+    grayscale for C=1 (ITU-R 601 luma) and grayscale ones RGB for C=3; the image is stretched
+    (not cropped) to H x W.
 
     Raises:
       OSError, ValueError: the file is missing or not an image Pillow can decode.
@@ -115,6 +116,10 @@ def read_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     height, width, channels = image_shape
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):
+            # Pillow's conversion of 16-bit grayscale to 8 bits clips; scale it instead.
+            scaled = np.round(np.asarray(image, np.float64) / 257.0).astype(np.uint8)
+            image = Image.fromarray(scaled)
         image = image.convert("L" if channels == 1 else "RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
