@@ -35,6 +35,7 @@ import tarfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -98,6 +99,7 @@ class _DatasetSpec:
     image_shape: tuple[int, int, int]
     num_classes: int
     local_hint: str  # How to get the local files; `{data_dir}` is filled in.
+    class_names: tuple[str, ...]  # By label, as the dataset's authors name them.
 
 
 _SPECS: dict[str, _DatasetSpec] = {
@@ -112,6 +114,18 @@ _SPECS: dict[str, _DatasetSpec] = {
             "install the Debian package (`sudo apt-get install dataset-fashion-mnist`; it puts the "
             "files in /usr/share/datasets/fashion-mnist)"
         ),
+        class_names=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
     ),
     "mnist": _DatasetSpec(
         title="MNIST",
@@ -124,6 +138,7 @@ _SPECS: dict[str, _DatasetSpec] = {
             "put the four MNIST files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
             "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in {data_dir}"
         ),
+        class_names=tuple(str(digit) for digit in range(10)),
     ),
     "cifar10": _DatasetSpec(
         title="CIFAR-10",
@@ -135,6 +150,18 @@ _SPECS: dict[str, _DatasetSpec] = {
         local_hint=(
             "download cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
             "into {data_dir} (no need to unpack it)"
+        ),
+        class_names=(
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
         ),
     ),
 }
@@ -224,6 +251,14 @@ def data_fingerprint(dataset: Dataset) -> str:
         f"{dataset.name}: {len(dataset.train.labels)} train and {len(dataset.test.labels)} test "
         f"examples, sha256 {digest.hexdigest()[:16]}"
     )
+
+
+def class_names(dataset: Dataset) -> tuple[str, ...]:
+    """The name of each label of `dataset`; 'class 0', 'class 1', ... for the synthetic data."""
+    spec = _SPECS.get(dataset.name)
+    if spec is not None and len(spec.class_names) == dataset.num_classes:
+        return spec.class_names
+    return tuple(f"class {label}" for label in range(dataset.num_classes))
 
 
 def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
@@ -348,8 +383,12 @@ def _epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(epoch, stream)))
 
 
-def _normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, C) -> float32 (B, H, W, C): (images / 255 - mean) / std."""
+def normalize_images(images: Any, mean: np.ndarray, std: np.ndarray) -> Any:
+    """uint8 (B, H, W, C) -> float32 (B, H, W, C): (images / 255 - mean) / std.
+
+    `images` is a numpy array or a JAX array (traced too): the exported model applies this same
+    function inside its graph, so serving normalizes exactly as training did.
+    """
     std = np.asarray(std, np.float32)
     scale = 1.0 / (255.0 * std)
     shift = -np.asarray(mean, np.float32) / std
@@ -401,7 +440,7 @@ def _train_batches(
         if augment:
             images = _crop_and_flip(images, offsets[positions], flips[positions])
         yield {
-            "image": _normalize(images, dataset.mean, dataset.std),
+            "image": normalize_images(images, dataset.mean, dataset.std),
             "label": dataset.train.labels[indices].astype(np.int32),
         }
 
@@ -409,7 +448,9 @@ def _train_batches(
 def _eval_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     test = dataset.test
     for start in range(0, len(test.labels), batch_size):
-        images = _normalize(test.images[start : start + batch_size], dataset.mean, dataset.std)
+        images = normalize_images(
+            test.images[start : start + batch_size], dataset.mean, dataset.std
+        )
         labels = test.labels[start : start + batch_size].astype(np.int32)
         num_real = len(labels)
         num_padding = batch_size - num_real
@@ -922,9 +963,11 @@ __all__ = [
     "DataError",
     "Dataset",
     "Split",
+    "class_names",
     "eval_batches",
     "load_dataset",
     "make_synthetic_dataset",
+    "normalize_images",
     "parse_idx",
     "steps_per_epoch",
     "train_batches",
