@@ -295,7 +295,7 @@ def restore_run(workdir: str) -> RestoredRun:
         variables=variables,
         step=int(state.step),
         checkpoint=os.path.join(checkpointer.directory, str(step)),
-        state_sha256=train_lib.tree_sha256(variables),
+        state_sha256=checkpoints.tree_sha256(variables),
     )
 
 
