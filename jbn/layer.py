@@ -20,7 +20,24 @@ from jbn.renorm import batch_renorm
 from jbn.running import STATS_DTYPE, BatchStatistics
 from jbn.stats import statistics
 
-__all__ = ["LayerOptions", "feature_axes", "layer_options", "prepare_weights", "train_forward"]
+__all__ = [
+    "LayerOptions",
+    "feature_axes",
+    "finish",
+    "inference_forward",
+    "initial_statistic",
+    "layer_options",
+    "prepare_input",
+    "prepare_weights",
+    "train_forward",
+]
+
+DEFAULT_INITIALIZERS: dict[str, Callable] = {
+    "beta": jax.nn.initializers.zeros,
+    "gamma": jax.nn.initializers.ones,
+    "moving_mean": jax.nn.initializers.zeros,
+    "moving_variance": jax.nn.initializers.ones,
+}
 
 PARAM_INITIALIZER_KEYS = ("beta", "gamma", "moving_mean", "moving_variance")
 PARAM_REGULARIZER_KEYS = ("beta", "gamma")
@@ -358,3 +375,46 @@ def train_forward(
         as_stats(stats.count), as_stats(stats.mean), as_stats(stats.variance)
     )
     return y.reshape(x.shape), batch_stats
+
+
+def initializer(initializers: Mapping[str, Callable] | None, name: str) -> Callable:
+    """The `param_initializers` entry for `name`, or its default (zeros / ones)."""
+    return (initializers or {}).get(name, DEFAULT_INITIALIZERS[name])
+
+
+def initial_statistic(initializers, name: str, make_key, feature_shape) -> jax.Array:
+    """The initial `moving_mean`/`moving_variance` from `param_initializers` (float32);
+    `make_key()` gives the RNG key, drawn only for a user initializer."""
+    user_initializer = (initializers or {}).get(name)
+    if user_initializer is None:
+        return DEFAULT_INITIALIZERS[name](None, feature_shape, STATS_DTYPE)
+    value = jnp.asarray(user_initializer(make_key(), feature_shape, STATS_DTYPE), STATS_DTYPE)
+    if value.shape != feature_shape:
+        raise ValueError(
+            f"param_initializers[{name!r}] returned shape {value.shape}, expected {feature_shape}."
+        )
+    return value
+
+
+def prepare_input(x, dtype) -> tuple[jax.Array, jnp.dtype]:
+    """`(x in the computation dtype, output dtype)`: checks that `x` is floating; computes in
+    `promote_types(x.dtype, dtype)`; the output has `dtype` (None: x's dtype)."""
+    x = jnp.asarray(x)
+    _checks.check_floating(x, "x")
+    output_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    return x.astype(jnp.promote_types(x.dtype, output_dtype)), output_dtype
+
+
+def inference_forward(x, mean, variance, beta, gamma, epsilon, axes) -> jax.Array:
+    """Normalizes with the moving statistics (feature-shaped values, features along `axes`)."""
+    keep_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+    as_keep = lambda v: None if v is None else jnp.reshape(v, keep_shape)
+    return batch_normalization(
+        x, as_keep(mean), as_keep(variance), as_keep(beta), as_keep(gamma), epsilon
+    )
+
+
+def finish(y: jax.Array, output_dtype, activation_fn) -> jax.Array:
+    """Casts to the output dtype, then applies `activation_fn` (TF1's Python-level fusion)."""
+    y = y.astype(output_dtype)
+    return y if activation_fn is None else activation_fn(y)

@@ -17,34 +17,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn import _checks, layer, running
-from jbn.normalization import batch_normalization
 
 __all__ = ["BatchNorm"]
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Regularizer = Callable[[jax.Array], jax.Array]
-
-DEFAULT_INITIALIZERS: dict[str, Initializer] = {
-    "beta": nn.initializers.zeros,
-    "gamma": nn.initializers.ones,
-    "moving_mean": nn.initializers.zeros,
-    "moving_variance": nn.initializers.ones,
-}
 STATS_DTYPE = running.STATS_DTYPE
-
-
-def initial_statistic(initializers, name: str, make_key, feature_shape) -> jax.Array:
-    """The initial `moving_mean`/`moving_variance` from `param_initializers` (float32);
-    `make_key()` gives the RNG key, drawn only for a user initializer."""
-    initializer = (initializers or {}).get(name)
-    if initializer is None:
-        return DEFAULT_INITIALIZERS[name](None, feature_shape, STATS_DTYPE)
-    value = jnp.asarray(initializer(make_key(), feature_shape, STATS_DTYPE), STATS_DTYPE)
-    if value.shape != feature_shape:
-        raise ValueError(
-            f"param_initializers[{name!r}] returned shape {value.shape}, expected {feature_shape}."
-        )
-    return value
 
 
 class BatchNorm(nn.Module):
@@ -262,14 +240,9 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_is_training(is_training)
         options = self._options()
-        x = jnp.asarray(x)
-        _checks.check_floating(x, "x")
+        x, output_dtype = layer.prepare_input(x, self.dtype)
         axes = layer.feature_axes(x.ndim, self.data_format, self.axis)
-        output_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
-        x = x.astype(jnp.promote_types(x.dtype, output_dtype))
         feature_shape = tuple(x.shape[a] for a in axes)
-        keep_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
-        as_keep = lambda v: None if v is None else jnp.reshape(v, keep_shape)
 
         beta, gamma = self._affine_params(feature_shape)
         variables = self._statistics_variables(feature_shape)
@@ -278,15 +251,10 @@ class BatchNorm(nn.Module):
         )
 
         if not training:
-            y = batch_normalization(
-                x,
-                as_keep(state.mean),
-                as_keep(state.variance),
-                as_keep(beta),
-                as_keep(gamma),
-                self.epsilon,
+            y = layer.inference_forward(
+                x, state.mean, state.variance, beta, gamma, self.epsilon, axes
             )
-            return self._finish(y, output_dtype)
+            return layer.finish(y, output_dtype, self.activation_fn)
 
         if not self.is_mutable_collection("batch_stats"):
             raise ValueError(
@@ -313,7 +281,7 @@ class BatchNorm(nn.Module):
             )
             for field, variable in variables.items():
                 variable.value = getattr(new_state, field)
-        return self._finish(y, output_dtype)
+        return layer.finish(y, output_dtype, self.activation_fn)
 
     # ----------------------------------------------------------------------------------------
     # Modes and variables.
@@ -329,13 +297,17 @@ class BatchNorm(nn.Module):
 
     def _affine_params(self, feature_shape: tuple[int, ...]):
         regularizers = self.param_regularizers or {}
-        initializers = {**DEFAULT_INITIALIZERS, **(self.param_initializers or {})}
         values = {}
         for name, enabled in (("beta", self.center), ("gamma", self.scale)):
             if not enabled:
                 values[name] = None
                 continue
-            value = self.param(name, initializers[name], feature_shape, self.param_dtype)
+            value = self.param(
+                name,
+                layer.initializer(self.param_initializers, name),
+                feature_shape,
+                self.param_dtype,
+            )
             if not self.trainable:
                 # TF1's trainable=False: frozen parameters, statistics mode unchanged.
                 value = lax.stop_gradient(value)
@@ -355,8 +327,10 @@ class BatchNorm(nn.Module):
             if "state" not in initial:
                 key = lambda: self.make_rng("params")
                 initial["state"] = rule.init(
-                    initial_statistic(self.param_initializers, "moving_mean", key, feature_shape),
-                    initial_statistic(
+                    layer.initial_statistic(
+                        self.param_initializers, "moving_mean", key, feature_shape
+                    ),
+                    layer.initial_statistic(
                         self.param_initializers, "moving_variance", key, feature_shape
                     ),
                 )
@@ -376,12 +350,6 @@ class BatchNorm(nn.Module):
             for field, shape in shapes._asdict().items()
             if shape is not None
         }
-
-    def _finish(self, y: jax.Array, output_dtype) -> jax.Array:
-        y = y.astype(output_dtype)
-        if self.activation_fn is not None:
-            y = self.activation_fn(y)
-        return y
 
 
 # The constructor arguments that `jbn.layer.layer_options` checks.
