@@ -1,9 +1,11 @@
 """jbn: batch normalization for JAX, done properly.
 
 Pure functions (`moments`, `weighted_moments`, `batch_normalization`, `fused_batch_norm`,
-`ghost_batch_norm`, `batch_renorm`, moving averages) and a Flax module, `BatchNorm`.
+`ghost_batch_norm`, `batch_renorm`, moving averages, `jbn.running` for the running
+statistics) and two thin Flax modules: `BatchNorm` (linen) and `jbn.nnx.BatchNorm` (NNX).
 """
 
+from jbn import nnx, running
 from jbn.averages import MovingAverage, MovingAverageState, moving_average
 from jbn.fold import fold_batch_norm
 from jbn.module import BatchNorm
@@ -22,6 +24,8 @@ __all__ = [
     "ghost_batch_norm",
     "moments",
     "moving_average",
+    "nnx",
     "renorm_correction",
+    "running",
     "weighted_moments",
 ]

@@ -26,8 +26,9 @@ def check_floating(x, name: str) -> None:
 
 
 def as_float(value, name: str, expected: str) -> float:
-    """`float(value)`, or a TypeError naming the argument (bools are rejected too)."""
-    if isinstance(value, bool):
+    """`float(value)`, or a TypeError naming the argument (bools and strings are rejected too:
+    `float("0.9")` would succeed, and a config typo must not pass as a number)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
         raise TypeError(f"{name} must be {expected}, got {value!r}.")
     try:
         return float(value)
@@ -62,14 +63,91 @@ def normalize_axes(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int
 
 
 def check_epsilon(epsilon, name: str) -> None:
-    """Raises ValueError for a non-positive epsilon; traced epsilons cannot be checked."""
+    """Raises for an epsilon that is not a positive finite number; traced ones are not checked."""
     if isinstance(epsilon, jax_core.Tracer):
         return
-    value = np.asarray(epsilon)
-    if value.ndim != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {value.shape}.")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{name} must be positive and finite, got {float(value)}.")
+    if np.ndim(epsilon) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(epsilon)}.")
+    value = as_float(epsilon, name, "a positive float")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value}.")
+
+
+def static_epsilon(epsilon, name: str = "epsilon") -> float:
+    """A checked epsilon as a Python float; ops whose derivative is built at trace time need it
+    static, so a traced value gets an error that says so (not a bare ConcretizationTypeError)."""
+    if isinstance(epsilon, jax_core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python float, not a traced value: pass it as a constant "
+            "(or mark it static, e.g. jit static_argnames)."
+        )
+    check_epsilon(epsilon, name)
+    return float(epsilon)
+
+
+def positive_int(value, name: str) -> int:
+    """`int(value)` for a positive Python or numpy integer (not a bool), else ValueError."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def as_bool(value, name: str) -> bool:
+    """A Python bool from a Python/numpy bool or a concrete boolean scalar array.
+
+    Strings and numbers are refused: `bool("False")` is True, which would silently pick the
+    wrong mode. Traced values are refused too, since the two modes read and update different
+    variables.
+    """
+    if isinstance(value, jax_core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python bool, not a traced value: the two modes read and update "
+            "different variables. Mark it static (e.g. jit static_argnames)."
+        )
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if hasattr(value, "dtype") and np.shape(value) == () and value.dtype == np.bool_:
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
+
+
+def check_real(value, name: str) -> None:
+    """Raises TypeError for complex values, whose imaginary part would be dropped silently."""
+    if jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {jnp.result_type(value)}.")
+
+
+def check_floating_dtype(dtype, name: str) -> None:
+    """Raises TypeError unless `dtype` names a floating dtype (ints would truncate outputs)."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}.") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype such as jnp.float32, got {resolved}.")
+
+
+def check_clipping(rmax, rmin, dmax, names=("rmax", "rmin", "dmax")) -> None:
+    """Renorm clipping bounds: numbers (None = unclipped, inf allowed), not NaN, not negative,
+    and `rmin <= rmax`. Traced bounds are not checked. `names` label the three in messages."""
+    concrete = {}
+    for name, value in zip(names, (rmax, rmin, dmax), strict=True):
+        if value is None or isinstance(value, jax_core.Tracer):
+            continue
+        number = as_float(value, name, "a non-negative number or None")
+        if math.isnan(number) or number < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value}.")
+        concrete[name] = number
+    rmax_name, rmin_name, _ = names
+    if (
+        rmax_name in concrete
+        and rmin_name in concrete
+        and concrete[rmin_name] > concrete[rmax_name]
+    ):
+        raise ValueError(
+            f"{rmin_name} ({concrete[rmin_name]}) must not exceed {rmax_name} "
+            f"({concrete[rmax_name]})."
+        )
 
 
 def check_broadcastable(value, shape: tuple[int, ...], name: str) -> None:

@@ -34,6 +34,8 @@ def batch_normalization(
     offset: jax.Array | None,
     scale: jax.Array | None,
     variance_epsilon: float,
+    *,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Normalizes with given statistics, like `tf.nn.batch_normalization`:
 
@@ -41,10 +43,14 @@ def batch_normalization(
 
     Args:
       x: floating array of any shape.
-      mean, variance: arrays broadcastable to `x.shape` (e.g. keepdims statistics, or shape
-        `(C,)` for a trailing feature axis).
-      offset, scale: `beta` and `gamma`, broadcastable to `x.shape`, or None (0 and 1).
+      mean, variance: real arrays broadcastable to `x.shape` (e.g. keepdims statistics, or
+        shape `(C,)` for a trailing feature axis).
+      offset, scale: `beta` and `gamma`, real, broadcastable to `x.shape`, or None (0 and 1).
       variance_epsilon: positive float added to the variance inside the square root.
+      mask: optional boolean array broadcastable to `x.shape`, False for padding. Masked-out
+        elements are normalized too, but with `mean`, `variance`, `offset` and `scale` held
+        constant (`stop_gradient`): whatever they hold (NaN, Inf) reaches only their own output
+        and their own input gradient, never the gradients of the statistics or parameters.
 
     Returns:
       `y` with `x`'s shape and dtype. bf16/fp16 inputs are normalized in float32 and rounded once.
@@ -59,15 +65,29 @@ def batch_normalization(
         ("scale", scale),
     ):
         if value is not None:
+            _checks.check_real(value, name)
             _checks.check_broadcastable(value, x.shape, name)
     acc = accumulation_dtype(x.dtype)
+    mean = jnp.asarray(mean, acc)
     inv = lax.rsqrt(jnp.asarray(variance, acc) + jnp.asarray(variance_epsilon, acc))
     if scale is not None:
         inv = inv * jnp.asarray(scale, acc)
-    y = (x.astype(acc) - jnp.asarray(mean, acc)) * inv
-    if offset is not None:
-        y = y + jnp.asarray(offset, acc)
-    return y.astype(x.dtype)
+    offset = None if offset is None else jnp.asarray(offset, acc)
+    x_acc = x.astype(acc)
+
+    def normalize(x_acc, mean, inv, offset):
+        y = (x_acc - mean) * inv
+        return y if offset is None else y + offset
+
+    if mask is None:
+        return normalize(x_acc, mean, inv, offset).astype(x.dtype)
+    _checks.check_mask(mask, x.shape)
+    mask = jnp.asarray(mask)
+    # Counted elements see the differentiable statistics; masked-out ones see constants, and
+    # the counted branch reads 0 there, so no NaN * 0 reaches a shared gradient.
+    counted = normalize(jnp.where(mask, x_acc, 0), mean, inv, offset)
+    padding = normalize(x_acc, *lax.stop_gradient((mean, inv, offset)))
+    return jnp.where(mask, counted, padding).astype(x.dtype)
 
 
 def _psum(value, axis_name, axis_index_groups):
@@ -78,11 +98,12 @@ def _psum(value, axis_name, axis_index_groups):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _train_normalize(x, scale, offset, weights, reduce_axes, epsilon, axis_name, groups):
-    """(y, mean, variance) with keepdims statistics; scale/offset are keepdims-shaped or None."""
+    """(y, mean, variance, count) with keepdims statistics (count: the counted elements behind
+    each statistic, over devices; it has no derivative); scale/offset keepdims-shaped or None."""
     stats = statistics(x, reduce_axes, weights, axis_name, groups)
     rstd = lax.rsqrt(stats.variance + epsilon)
     y = _affine((x.astype(rstd.dtype) - stats.mean) * rstd, scale, offset)
-    return y.astype(x.dtype), stats.mean, stats.variance
+    return y.astype(x.dtype), stats.mean, stats.variance, stats.count
 
 
 def _affine(xhat, scale, offset):
@@ -100,7 +121,7 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
     stats = statistics(x, reduce_axes, weights, axis_name, groups)
     rstd = lax.rsqrt(stats.variance + epsilon)
     y = _affine((x.astype(rstd.dtype) - stats.mean) * rstd, scale, offset)
-    primals_out = (y.astype(x.dtype), stats.mean, stats.variance)
+    primals_out = (y.astype(x.dtype), stats.mean, stats.variance, stats.count)
 
     # Sums over counted elements use xw (zero where the weight is 0, so padding may hold NaN);
     # the elementwise terms use x itself: padding is normalized like everything else.
@@ -133,9 +154,10 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
             )
             mean_dot = sums[0] / safe_count
             p = sums[1] / safe_count - stats.mean * mean_dot
-            centered = lambda coefficient: x_acc * coefficient - stats.mean * coefficient
+            x_counted = x_acc if weights is None else xw
+            centered = lambda coefficient: x_counted * coefficient - stats.mean * coefficient
         else:
-            deviation = x_acc - stats.mean
+            deviation = (x_acc if weights is None else xw) - stats.mean
             counted_deviation = xw - stats.mean
             if weights is not None:
                 counted_deviation = jnp.where(weights != 0, counted_deviation, 0)
@@ -155,9 +177,14 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
         coefficient = -gamma * rstd**3 * p
         if scale_dot is not None:
             coefficient = coefficient + scale_dot * rstd
-        y_dot = x_dot * a - mean_dot * a + centered(coefficient)
+        shared = centered(coefficient) - mean_dot * a
         if offset_dot is not None:
-            y_dot = y_dot + offset_dot
+            shared = shared + offset_dot
+        if weights is not None:
+            # Masked-out elements see the statistics and parameters as constants (as in
+            # `batch_normalization(mask=)`): whatever they hold reaches no shared gradient.
+            shared = jnp.where(weights != 0, shared, 0)
+        y_dot = x_dot * a + shared
         return y_dot.astype(x.dtype), mean_dot, 2 * p
 
     # Same predicate on every device: it reads the merged statistics.
@@ -171,7 +198,7 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
         scale_dot,
         offset_dot,
     )
-    return primals_out, tangents_out
+    return primals_out, (*tangents_out, jnp.zeros_like(stats.count))
 
 
 def feature_param(value, name: str, feature_axes, x_shape) -> jax.Array | None:
@@ -193,7 +220,7 @@ def feature_param(value, name: str, feature_axes, x_shape) -> jax.Array | None:
 def _prepare(x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask):
     _checks.check_floating(x, "x")
     x = jnp.asarray(x)
-    _checks.check_epsilon(epsilon, "epsilon")
+    epsilon = _checks.static_epsilon(epsilon, "epsilon")
     feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
     reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     if not reduce_axes:
@@ -207,7 +234,7 @@ def _prepare(x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask
         mask = jnp.asarray(mask)
     scale = feature_param(scale, "scale", feature_axes, x.shape)
     offset = feature_param(offset, "offset", feature_axes, x.shape)
-    return x, scale, offset, feature_axes, reduce_axes, groups, mask
+    return x, scale, offset, epsilon, feature_axes, reduce_axes, groups, mask
 
 
 def fused_batch_norm(
@@ -220,7 +247,8 @@ def fused_batch_norm(
     axis_name=None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return_count: bool = False,
+) -> tuple[jax.Array, ...]:
     """Training-mode batch norm: statistics of this batch, then normalization.
 
         mean, var = moments(x, all axes but `axis`, mask=mask, axis_name=...)
@@ -240,28 +268,34 @@ def fused_batch_norm(
       axis_name, axis_index_groups: reduce across devices too (see `jbn.moments`). Under
         `pmap`, gradients are those of the sum of every device's loss, like autodiff of `psum`.
       mask: optional boolean array broadcastable to `x.shape`; False elements don't count in
-        the statistics (padding). They are still normalized.
+        the statistics (padding). They are still normalized, with the statistics and
+        parameters held constant (see `batch_normalization`), so whatever they hold (NaN, Inf)
+        reaches no gradient but their own.
+      return_count: also return the number of counted elements behind each statistic (over
+        every device with `axis_name`), what `jbn.running` needs for Bessel's correction and
+        count-weighted pooling.
 
     Returns:
-      `(y, batch_mean, batch_variance)`: `y` has `x`'s shape and dtype; the statistics have the
-      feature shape and dtype `promote_types(x.dtype, float32)`; the variance is biased and
-      never negative.
+      `(y, batch_mean, batch_variance)`, and `count` last when `return_count`: `y` has `x`'s
+      shape and dtype; the statistics have the feature shape and dtype
+      `promote_types(x.dtype, float32)`; the variance is biased and never negative.
     """
-    x, scale, offset, feature_axes, reduce_axes, groups, mask = _prepare(
+    x, scale, offset, epsilon, feature_axes, reduce_axes, groups, mask = _prepare(
         x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask
     )
-    y, mean, variance = _train_normalize(
+    y, mean, variance, count = _train_normalize(
         x,
         scale,
         offset,
         mask,
         reduce_axes,
-        float(epsilon),
+        epsilon,
         _checks.canonical_axis_name(axis_name),
         groups,
     )
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    return y, mean.reshape(feature_shape), variance.reshape(feature_shape)
+    outputs = (y, mean.reshape(feature_shape), variance.reshape(feature_shape))
+    return (*outputs, count.reshape(feature_shape)) if return_count else outputs
 
 
 def ghost_batch_norm(
@@ -273,7 +307,8 @@ def ghost_batch_norm(
     epsilon: float = 1e-3,
     axis: int | Sequence[int] = -1,
     mask: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return_count: bool = False,
+) -> tuple[jax.Array, ...]:
     """Ghost batch norm (Hoffer et al. 2017): `fused_batch_norm` per virtual sub-batch.
 
     The batch (axis 0) is split into `B // virtual_batch_size` consecutive groups, and each group
@@ -282,24 +317,20 @@ def ghost_batch_norm(
 
     Args:
       x: floating array whose axis 0 is the batch, `B` divisible by `virtual_batch_size`.
-      scale, offset, epsilon, axis, mask: as in `fused_batch_norm` (`axis` must not be 0).
-      virtual_batch_size: positive int, the size of each ghost batch.
+      scale, offset, epsilon, axis, mask, return_count: as in `fused_batch_norm` (`axis`
+        must not be 0).
+      virtual_batch_size: positive int (Python or numpy), the size of each ghost batch.
 
     Returns:
-      `(y, batch_mean, batch_variance)`: `y` like `x`; statistics of shape
-      `(B // virtual_batch_size, *feature_shape)`, one row per ghost batch.
+      `(y, batch_mean, batch_variance)`, and `count` last when `return_count`: `y` like `x`;
+      statistics of shape `(B // virtual_batch_size, *feature_shape)`, one row per ghost batch.
     """
-    x, scale, offset, feature_axes, _, _, mask = _prepare(
+    x, scale, offset, epsilon, feature_axes, _, _, mask = _prepare(
         x, scale, offset, epsilon, axis, None, None, mask
     )
     if 0 in feature_axes:
         raise ValueError("axis must not include 0: ghost batches split the batch axis 0.")
-    if (
-        not isinstance(virtual_batch_size, int)
-        or isinstance(virtual_batch_size, bool)
-        or virtual_batch_size < 1
-    ):
-        raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}.")
+    virtual_batch_size = _checks.positive_int(virtual_batch_size, "virtual_batch_size")
     batch = x.shape[0]
     if batch % virtual_batch_size:
         raise ValueError(
@@ -314,8 +345,9 @@ def ghost_batch_norm(
     expand = lambda p: None if p is None else p[None]
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape).reshape(ghost_shape)
-    y, mean, variance = _train_normalize(
-        ghost_x, expand(scale), expand(offset), mask, reduce_axes, float(epsilon), None, None
+    y, mean, variance, count = _train_normalize(
+        ghost_x, expand(scale), expand(offset), mask, reduce_axes, epsilon, None, None
     )
     stats_shape = (groups, *(x.shape[a] for a in feature_axes))
-    return y.reshape(x.shape), mean.reshape(stats_shape), variance.reshape(stats_shape)
+    outputs = (y.reshape(x.shape), mean.reshape(stats_shape), variance.reshape(stats_shape))
+    return (*outputs, count.reshape(stats_shape)) if return_count else outputs

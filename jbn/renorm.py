@@ -9,6 +9,11 @@ With running statistics `mu`, `sigma` (a standard deviation) and batch statistic
 
 With r = 1 and d = 0 this is batch norm; with r, d unclipped the output equals normalizing with
 the running statistics while the gradient still flows through the batch statistics.
+
+As in TF1 and Keras, `sigma` is floored at `sqrt(epsilon)` (no division by zero when a moving
+stddev starts at 0). The moving averages themselves (`renorm_mean`, `renorm_stddev`, and the
+inference `moving_stddev` whose `moving_stddev**2 - epsilon` is reported as the moving variance)
+are updated by `jbn.running`.
 """
 
 from __future__ import annotations
@@ -21,18 +26,9 @@ from jax import lax
 
 from jbn import _checks
 from jbn.normalization import batch_normalization, feature_param
-from jbn.stats import moments
+from jbn.stats import statistics
 
 __all__ = ["batch_renorm", "renorm_correction"]
-
-
-def _check_clipping(rmax, rmin, dmax) -> None:
-    for name, value in (("rmax", rmax), ("rmin", rmin), ("dmax", dmax)):
-        if value is not None and not isinstance(value, jax.core.Tracer) and float(value) < 0:
-            raise ValueError(f"{name} must be non-negative, got {value}.")
-    concrete = all(v is not None and not isinstance(v, jax.core.Tracer) for v in (rmin, rmax))
-    if concrete and float(rmin) > float(rmax):
-        raise ValueError(f"rmin ({rmin}) must not exceed rmax ({rmax}).")
 
 
 def renorm_correction(
@@ -51,7 +47,8 @@ def renorm_correction(
     Args:
       batch_mean, batch_variance: this batch's statistics (any shape, e.g. `(C,)`).
       running_mean, running_stddev: the renorm moving averages of the mean and of
-        `sqrt(var + epsilon)`, broadcastable to the batch statistics.
+        `sqrt(var + epsilon)`, broadcastable to the batch statistics; `running_stddev` is
+        floored at `sqrt(epsilon)` as in TF1/Keras.
       epsilon: positive float added to the batch variance.
       rmax, rmin, dmax: clipping bounds as in TF's `renorm_clipping`; None leaves that side
         unclipped (TF's convention; the paper uses rmin = 1 / rmax).
@@ -60,8 +57,9 @@ def renorm_correction(
       `(r, d)` with the batch statistics' shape, in float32 or wider.
     """
     _checks.check_epsilon(epsilon, "epsilon")
-    _check_clipping(rmax, rmin, dmax)
+    _checks.check_clipping(rmax, rmin, dmax)
     batch_stddev = jnp.sqrt(batch_variance + epsilon)
+    running_stddev = jnp.maximum(running_stddev, jnp.sqrt(jnp.asarray(epsilon, batch_stddev.dtype)))
     r = batch_stddev / running_stddev
     d = (batch_mean - running_mean) / running_stddev
     if rmin is not None:
@@ -88,7 +86,8 @@ def batch_renorm(
     axis_name=None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return_count: bool = False,
+) -> tuple[jax.Array, ...]:
     """Training-mode batch renormalization.
 
     Args:
@@ -96,11 +95,12 @@ def batch_renorm(
       scale, offset: `gamma`/`beta` of the feature shape, or None.
       running_mean, running_stddev: renorm moving averages, of the feature shape.
       epsilon, rmax, rmin, dmax: see `renorm_correction`.
-      axis, axis_name, axis_index_groups, mask: as in `fused_batch_norm`.
+      axis, axis_name, axis_index_groups, mask, return_count: as in `fused_batch_norm`
+        (masked-out elements reach no gradient but their own, whatever they hold).
 
     Returns:
-      `(y, batch_mean, batch_variance)` as in `fused_batch_norm`. Gradients flow through the
-      batch statistics, not through `r` and `d`.
+      `(y, batch_mean, batch_variance)`, and `count` last when `return_count`, as in
+      `fused_batch_norm`. Gradients flow through the batch statistics, not through `r` and `d`.
     """
     _checks.check_floating(x, "x")
     x = jnp.asarray(x)
@@ -124,13 +124,14 @@ def batch_renorm(
             raise ValueError(
                 f"{name} must have the feature shape {feature_shape}, got {jnp.shape(value)}."
             )
-    mean, variance = moments(
-        x,
-        reduce_axes,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
+    groups = _checks.canonical_groups(axis_name, axis_index_groups)
+    if mask is not None:
+        _checks.check_mask(mask, x.shape)
+        mask = jnp.asarray(mask)
+    count, mean, variance = statistics(
+        x, reduce_axes, mask, _checks.canonical_axis_name(axis_name), groups
     )
+    count, mean, variance = (v.reshape(feature_shape) for v in (count, mean, variance))
     r, d = renorm_correction(
         mean,
         variance,
@@ -147,6 +148,6 @@ def batch_renorm(
         beta = beta + offset
     reshape = lambda v: v.reshape(keep)
     y = batch_normalization(
-        x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma), epsilon
+        x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma), epsilon, mask=mask
     )
-    return y, mean, variance
+    return (y, mean, variance, count) if return_count else (y, mean, variance)

@@ -139,7 +139,9 @@ def statistics(
     if axis_name is not None:
         count, mean, m2 = _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
     safe_count = jnp.where(count == 0, 1, count)
-    return Statistics(count, mean, m2 / safe_count)
+    # m2 >= 0 already; the clamp matters only for (traced) negative weights, whose negative
+    # count would otherwise flip the sign: the variance is never negative.
+    return Statistics(count, mean, jnp.maximum(m2 / safe_count, 0))
 
 
 def _finish(stats: Statistics, axes: tuple[int, ...], keepdims: bool):
@@ -210,8 +212,9 @@ def weighted_moments(
       axes: axes to reduce.
       frequency_weights: non-negative weights broadcastable to `x.shape` (e.g. shape `(B, 1, 1,
         1)` for per-example weights of an NHWC batch). Elements with weight 0 are ignored,
-        whatever their value. Negative weights are not checked (they would need a host sync) and
-        give meaningless results.
+        whatever their value. Concrete negative weights raise ValueError; traced ones (under
+        `jit`) cannot be checked without a host sync and give a meaningless mean and a
+        variance clamped at 0 (never negative).
       keepdims, axis_name, axis_index_groups: as in `moments`; across devices the weights'
         sums are merged exactly.
 
@@ -230,6 +233,8 @@ def weighted_moments(
     ):
         raise TypeError(f"frequency_weights must be numeric, got {frequency_weights.dtype}.")
     _checks.check_broadcastable(frequency_weights, x.shape, "frequency_weights")
+    if not isinstance(frequency_weights, jax.core.Tracer) and bool(jnp.any(frequency_weights < 0)):
+        raise ValueError("frequency_weights must be non-negative (frequency weights).")
     stats = statistics(
         x, reduce_axes, frequency_weights, _checks.canonical_axis_name(axis_name), groups
     )

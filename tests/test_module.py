@@ -193,7 +193,8 @@ def test_init_never_moves_statistics_and_eval_never_updates():
 def test_default_arguments_follow_tf1():
     module = jbn.BatchNorm()
     assert (module.decay, module.center, module.scale, module.epsilon) == (0.999, True, False, 1e-3)
-    assert module.renorm_decay == 0.99 and module.data_format == "NHWC"
+    # data_format=None means 'NHWC' (features last) unless axis= is given.
+    assert module.renorm_decay == 0.99 and module.data_format is None and module.axis is None
     x = random_batches((8, 4), steps=1)[0]
     variables = module.init(jax.random.key(0), x, is_training=False)
     # scale=False: no gamma; center=True: beta of zeros.
@@ -256,26 +257,47 @@ def test_zero_debias_moving_mean():
     assert np.all(np.abs(stats["moving_mean"] - 4.0) < 1.5)
 
 
-def np_renorm_reference(batches, gamma, beta, *, decay, renorm_decay, epsilon, clipping):
-    """Ioffe 2017 / TF1 in float64: outputs, clip activity and the four statistics."""
-    renorm_mean, renorm_stddev = np.zeros_like(gamma), np.ones_like(gamma)
-    moving_mean, moving_var = np.zeros_like(gamma), np.ones_like(gamma)
-    outputs, clipped = [], []
+def np_renorm_reference(
+    batches, gamma, beta, *, decay, renorm_decay, epsilon, clipping, mean0=0.0, variance0=1.0
+):
+    """TF1 / Keras renorm in float64, from the paper's and TF's update rules.
+
+    Returns the training outputs, the inference outputs with the statistics before each step,
+    whether r / d were clipped per step, and the final statistics by variable name.
+    """
+    shape = np.shape(gamma)
+    moving_mean = np.full(shape, mean0)
+    # Keras: every stddev starts at sqrt(moving-variance initializer), renorm_mean at the mean's.
+    moving_stddev = np.full(shape, np.sqrt(variance0))
+    renorm_mean, renorm_stddev = moving_mean.copy(), moving_stddev.copy()
+    clipping = clipping or {}
+    outputs, inference, clipped = [], [], []
     for x in batches:
-        mean, var, _ = np_moments(x, (0, 1, 2))
+        reduce_axes = tuple(range(x.ndim - 1))
+        mean, var, _ = np_moments(x, reduce_axes)
         mean, var = mean.ravel(), var.ravel()
         sigma = np.sqrt(var + epsilon)
-        r_raw = sigma / renorm_stddev
-        d_raw = (mean - renorm_mean) / renorm_stddev
-        r = np.clip(r_raw, clipping["rmin"], clipping["rmax"])
-        d = np.clip(d_raw, -clipping["dmax"], clipping["dmax"])
+        moving_variance = np.maximum(moving_stddev**2 - epsilon, 0)
+        inference.append(np_normalize(x, moving_mean, moving_variance, beta, gamma, epsilon))
+        safe_renorm_stddev = np.maximum(renorm_stddev, np.sqrt(epsilon))
+        r_raw = sigma / safe_renorm_stddev
+        d_raw = (mean - renorm_mean) / safe_renorm_stddev
+        r = np.clip(r_raw, clipping.get("rmin", -np.inf), clipping.get("rmax", np.inf))
+        d = np.clip(d_raw, -clipping.get("dmax", np.inf), clipping.get("dmax", np.inf))
         clipped.append((np.any(r != r_raw), np.any(d != d_raw)))
         outputs.append(((x - mean) / sigma * r + d) * gamma + beta)
         renorm_mean = renorm_decay * renorm_mean + (1 - renorm_decay) * mean
         renorm_stddev = renorm_decay * renorm_stddev + (1 - renorm_decay) * sigma
         moving_mean = decay * moving_mean + (1 - decay) * mean
-        moving_var = decay * moving_var + (1 - decay) * var
-    return outputs, clipped, (renorm_mean, renorm_stddev, moving_mean, moving_var)
+        moving_stddev = decay * moving_stddev + (1 - decay) * sigma
+    stats = {
+        "renorm_mean": renorm_mean,
+        "renorm_stddev": renorm_stddev,
+        "moving_mean": moving_mean,
+        "moving_stddev": moving_stddev,
+        "moving_variance": np.maximum(moving_stddev**2 - epsilon, 0),
+    }
+    return outputs, inference, clipped, stats
 
 
 def test_renorm_against_paper_formulas_with_clipping():
@@ -295,7 +317,7 @@ def test_renorm_against_paper_formulas_with_clipping():
     variables = module.init(jax.random.key(0), batches[0], is_training=False)
     variables = {**variables, "params": {"beta": beta, "gamma": gamma}}
     outputs, variables = train_steps(module, batches, variables)
-    want, clipped, stats = np_renorm_reference(
+    want, _, clipped, stats = np_renorm_reference(
         batches,
         gamma,
         beta,
@@ -307,8 +329,8 @@ def test_renorm_against_paper_formulas_with_clipping():
     assert clipped[0] == (True, True)  # the reference really exercises both clips
     for got, expected in zip(outputs, want, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    names = ("renorm_mean", "renorm_stddev", "moving_mean", "moving_variance")
-    for name, expected in zip(names, stats, strict=True):
+    assert set(variables["batch_stats"]) == set(stats)
+    for name, expected in stats.items():
         np.testing.assert_allclose(variables["batch_stats"][name], expected, rtol=1e-5)
 
     # r and d carry no gradient: the input gradient is that of
@@ -784,3 +806,220 @@ def test_bad_call_arguments():
         )
     with pytest.raises(TypeError, match="is_training"):
         jax.jit(lambda flag: module.apply(variables, x, is_training=flag))(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch renormalization as TF1 / Keras define it.
+
+
+@pytest.mark.parametrize(
+    "clipping", [None, {"rmax": 1.3, "rmin": 0.8, "dmax": 0.4}], ids=["unclipped", "clipped"]
+)
+def test_renorm_training_inference_and_statistics_follow_tf1_over_steps(clipping):
+    decay, renorm_decay, epsilon = 0.8, 0.6, 1e-3
+    module = jbn.BatchNorm(
+        decay=decay,
+        scale=True,
+        epsilon=epsilon,
+        renorm=True,
+        renorm_clipping=clipping,
+        renorm_decay=renorm_decay,
+        param_initializers={
+            "moving_mean": nn.initializers.constant(0.5),
+            "moving_variance": nn.initializers.constant(4.0),
+        },
+    )
+    batches = random_batches((5, 2, 3), steps=5, loc=2.0, spread=3.0)
+    gamma, beta = np.array([1.5, -0.5, 2.0]), np.array([0.3, 0.0, -1.0])
+    variables = init_variables(module, batches[0])
+    variables = {**variables, "params": {"beta": beta, "gamma": gamma}}
+    evaluate = jax.jit(lambda v, x: module.apply(v, x, is_training=False))
+    step = training_step(module)
+    inference, outputs = [], []
+    for x in batches:
+        inference.append(evaluate(variables, x))
+        y, updates = step(variables, x)
+        variables = {**variables, **updates}
+        outputs.append(y)
+    want, want_inference, clipped, stats = np_renorm_reference(
+        batches,
+        gamma,
+        beta,
+        decay=decay,
+        renorm_decay=renorm_decay,
+        epsilon=epsilon,
+        clipping=clipping,
+        mean0=0.5,
+        variance0=4.0,
+    )
+    if clipping:
+        assert any(r for r, _ in clipped) and any(d for _, d in clipped)
+    for got, expected in zip(outputs, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(inference, want_inference, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for name, expected in stats.items():
+        np.testing.assert_allclose(variables["batch_stats"][name], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variance0", [1.0, 4.0])
+def test_renorm_no_clipping_same_decay_gives_same_test_and_train(variance0):
+    # TF's testRenormNoClippingSameMomentumGivesSameTestTrain: inference with the statistics
+    # before a step equals that step's training output, from the first step, on batches of 4.
+    decay = 0.9
+    module = jbn.BatchNorm(
+        decay=decay,
+        scale=True,
+        renorm=True,
+        renorm_decay=decay,
+        param_initializers={
+            "gamma": nn.initializers.constant(2.0),
+            "beta": nn.initializers.constant(3.0),
+            "moving_variance": nn.initializers.constant(variance0),
+        },
+    )
+    rng = np.random.default_rng(3)
+    batches = [rng.random((4, 3)).astype(np.float32) for _ in range(6)]
+    variables = init_variables(module, batches[0])
+    evaluate = jax.jit(lambda v, x: module.apply(v, x, is_training=False))
+    step = training_step(module)
+    for x in batches:
+        y_test = evaluate(variables, x)
+        y_train, updates = step(variables, x)
+        np.testing.assert_allclose(y_test, y_train, atol=1e-5, rtol=0)
+        variables = {**variables, **updates}
+
+
+def test_renorm_statistics_start_from_the_initializers_as_keras():
+    module = jbn.BatchNorm(
+        renorm=True,
+        param_initializers={
+            "moving_mean": nn.initializers.constant(1.5),
+            "moving_variance": nn.initializers.constant(4.0),
+        },
+    )
+    stats = init_variables(module, np.zeros((2, 3), np.float32))["batch_stats"]
+    np.testing.assert_allclose(stats["renorm_stddev"], [2.0] * 3)
+    np.testing.assert_allclose(stats["moving_stddev"], [2.0] * 3)
+    np.testing.assert_allclose(stats["renorm_mean"], [1.5] * 3)
+    # Reported as moving_stddev**2 - epsilon, so that sqrt(variance + epsilon) is the stddev.
+    np.testing.assert_allclose(stats["moving_variance"], [4.0 - 1e-3] * 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("clipping", "error", "pattern"),
+    [
+        ({"rmin": 2.0, "rmax": 1.0}, ValueError, r"renorm_clipping\['rmin'\].*rmax"),
+        ({"dmax": -0.5}, ValueError, r"renorm_clipping\['dmax'\]"),
+        ({"rmax": float("nan")}, ValueError, r"renorm_clipping\['rmax'\]"),
+        ({"rmax": "3"}, TypeError, r"renorm_clipping\['rmax'\]"),
+        ({"rmin": None, "dmax": [1.0]}, TypeError, r"renorm_clipping\['dmax'\]"),
+    ],
+)
+def test_renorm_clipping_checked_at_construction(clipping, error, pattern):
+    with pytest.raises(error, match=pattern):
+        jbn.BatchNorm(renorm=True, renorm_clipping=clipping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: every bad one gets a named error early.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(dtype=jnp.int32), TypeError, "dtype"),
+        (dict(param_dtype=jnp.int8), TypeError, "param_dtype"),
+        (dict(decay="0.9"), TypeError, "decay"),
+        (dict(epsilon="1e-3"), TypeError, "epsilon"),
+        (dict(is_training="False"), TypeError, "is_training"),
+        (dict(center="yes"), TypeError, "center"),
+        (dict(data_format="NCHW", axis=1), ValueError, "data_format.*axis"),
+        (dict(axis=1.5), TypeError, "axis must be an int or a sequence of ints"),
+        (dict(decay=None, zero_debias_moving_mean=True), ValueError, "zero_debias"),
+    ],
+)
+def test_more_bad_constructor_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        jbn.BatchNorm(**kwargs)
+
+
+def test_is_training_must_be_a_bool():
+    x = random_batches((4, 3), steps=1)[0]
+    module = jbn.BatchNorm(decay=0.5)
+    variables = module.init(jax.random.key(0), x, is_training=False)
+    for flag in ("False", 0, 1.0, np.array([True, False])):
+        with pytest.raises(TypeError, match="is_training"):
+            module.apply(variables, x, is_training=flag, mutable=["batch_stats"])
+    # numpy and concrete jax booleans are real booleans.
+    for flag in (np.bool_(False), jnp.asarray(False)):
+        _, updates = module.apply(variables, x, is_training=flag, mutable=["batch_stats"])
+        np.testing.assert_array_equal(updates["batch_stats"]["moving_mean"], np.zeros(3))
+    _, updates = module.apply(variables, x, is_training=np.bool_(True), mutable=["batch_stats"])
+    mean, _, _ = np_moments(x, (0,))
+    np.testing.assert_allclose(updates["batch_stats"]["moving_mean"], 0.5 * mean.ravel(), rtol=1e-6)
+
+
+def test_numpy_integer_virtual_batch_size_equals_python_int():
+    x = random_batches((8, 3), steps=1)[0]
+    outputs = {}
+    for size in (2, np.int64(2)):
+        (y,), variables = train_steps(jbn.BatchNorm(decay=0.5, virtual_batch_size=size), [x])
+        outputs[type(size).__name__] = (y, variables["batch_stats"]["moving_variance"])
+    ghosts = x.reshape(4, 2, 3)
+    mean, var = ghosts.mean(1, keepdims=True), ghosts.var(1, keepdims=True)
+    want = ((ghosts - mean) / np.sqrt(var + 1e-3)).reshape(x.shape)
+    for y, moving_variance in outputs.values():
+        np.testing.assert_allclose(y, want, **F32_TOL)
+        np.testing.assert_allclose(moving_variance, 0.5 + 0.5 * var.mean((0, 1)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# decay=None (PyTorch's momentum=None) and axis= (flax's feature axis).
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_decay_none_is_the_cumulative_average(renorm):
+    module = jbn.BatchNorm(decay=None, renorm=renorm, epsilon=1e-3)
+    batches = random_batches((6, 4), steps=4, loc=3.0)
+    _, variables = train_steps(module, batches)
+    means = [x.astype(np.float64).mean(0) for x in batches]
+    variances = [x.astype(np.float64).var(0) for x in batches]
+    stats = variables["batch_stats"]
+    np.testing.assert_allclose(stats["moving_mean"], np.mean(means, 0), rtol=1e-5)
+    if renorm:  # TF1: the averaged quantity is sqrt(var + eps)
+        stddev = np.mean([np.sqrt(v + 1e-3) for v in variances], 0)
+        np.testing.assert_allclose(stats["moving_variance"], stddev**2 - 1e-3, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(stats["moving_variance"], np.mean(variances, 0), rtol=1e-5)
+    assert int(stats["num_updates"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((6, 3, 4, 5), 1), ((6, 3, 4, 5), (1, 3)), ((5, 4), -1), ((3, 2, 2, 2, 2, 3), -1)],
+)
+def test_axis_like_flax(shape, axis):
+    decay = 0.8
+    ours = jbn.BatchNorm(decay=decay, scale=True, epsilon=1e-3, axis=axis)
+    theirs = nn.BatchNorm(momentum=decay, epsilon=1e-3, axis=axis, use_fast_variance=False)
+    batches = random_batches(shape, steps=2)
+    outputs, variables = train_steps(ours, batches)
+    flax_variables = theirs.init(jax.random.key(0), batches[0], use_running_average=True)
+    for x, y in zip(batches, outputs, strict=True):
+        want, updates = theirs.apply(
+            flax_variables, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        flax_variables = {**flax_variables, **updates}
+        np.testing.assert_allclose(y, want, **F32_TOL)
+    assert variables["params"]["gamma"].shape == flax_variables["params"]["scale"].shape
+    np.testing.assert_allclose(
+        variables["batch_stats"]["moving_variance"], flax_variables["batch_stats"]["var"], rtol=1e-5
+    )
+
+
+def test_axis_one_equals_nchw():
+    x = random_batches((4, 3, 5, 5), steps=1)[0]
+    (by_axis,), _ = train_steps(jbn.BatchNorm(axis=1), [x])
+    (by_format,), _ = train_steps(jbn.BatchNorm(data_format="NCHW"), [x])
+    np.testing.assert_array_equal(by_axis, by_format)

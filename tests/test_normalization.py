@@ -31,7 +31,9 @@ def _composite_loss(x, scale, offset, r, *, axis, mask=None, epsilon=1e-3):
     shape = [1] * x.ndim
     for a in axis:
         shape[a] = x.shape[a]
-    y = jbn.batch_normalization(x, mean, var, offset.reshape(shape), scale.reshape(shape), epsilon)
+    y = jbn.batch_normalization(
+        x, mean, var, offset.reshape(shape), scale.reshape(shape), epsilon, mask=mask
+    )
     return jnp.sum(jnp.sin(y) * r)
 
 
@@ -244,3 +246,47 @@ def test_vmap_over_ensemble_members():
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_epsilon_none_or_traced_is_named():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="epsilon"):
+        jbn.fused_batch_norm(x, epsilon=None)
+    with pytest.raises(TypeError, match="epsilon must be a static Python float"):
+        jax.jit(lambda x, eps: jbn.fused_batch_norm(x, epsilon=eps))(x, 1e-3)
+    with pytest.raises(TypeError, match="epsilon must be a static Python float"):
+        jax.jit(lambda x, eps: jbn.ghost_batch_norm(x, virtual_batch_size=2, epsilon=eps))(x, 1e-3)
+    with pytest.raises(TypeError, match="variance_epsilon"):
+        jbn.batch_normalization(x, 0.0, 1.0, None, None, None)
+
+
+@pytest.mark.parametrize("name", ["mean", "variance", "offset", "scale"])
+def test_complex_statistics_or_parameters_are_refused(name):
+    x = np.ones((4, 3), np.float32)
+    arguments = {"mean": np.zeros(3), "variance": np.ones(3), "offset": None, "scale": None}
+    arguments[name] = np.full(3, 1 + 2j)
+    with pytest.raises(TypeError, match=f"{name} must be real"):
+        jbn.batch_normalization(x, variance_epsilon=1e-3, **arguments)
+
+
+def test_ghost_batch_norm_accepts_numpy_integers():
+    x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    y, mean, var = jbn.ghost_batch_norm(x, virtual_batch_size=np.int64(4))
+    ghosts = x.astype(np.float64).reshape(2, 4, 3)
+    want = (ghosts - ghosts.mean(1, keepdims=True)) / np.sqrt(ghosts.var(1, keepdims=True) + 1e-3)
+    np.testing.assert_allclose(y, want.reshape(x.shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, ghosts.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, ghosts.var(1), rtol=1e-5)
+
+
+def test_counts_are_handed_back_on_request():
+    x = np.random.default_rng(0).standard_normal((8, 2, 3)).astype(np.float32)
+    mask = np.ones((8, 2, 3), bool)
+    mask[:3, :, 0] = False
+    *_, count = jbn.fused_batch_norm(x, mask=mask, return_count=True)
+    np.testing.assert_array_equal(count, mask.sum((0, 1)))
+    *_, count = jbn.ghost_batch_norm(x, virtual_batch_size=4, mask=mask, return_count=True)
+    np.testing.assert_array_equal(count, mask.reshape(2, 4, 2, 3).sum((1, 2)))
+    outputs = jbn.batch_renorm(x, None, None, np.zeros(3), np.ones(3), mask=mask, return_count=True)
+    np.testing.assert_array_equal(outputs[3], mask.sum((0, 1)))
+    assert len(jbn.fused_batch_norm(x)) == 3  # the documented return value is unchanged

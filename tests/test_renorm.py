@@ -75,7 +75,7 @@ def test_gradient_flows_through_batch_statistics_not_r_and_d():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rmax": -1.0}, "rmax must be non-negative"),
+        ({"rmax": -1.0}, "rmax must be a non-negative number"),
         ({"rmin": 2.0, "rmax": 1.0}, "rmin"),
         ({"dmax": -0.1}, "dmax"),
         ({"epsilon": 0.0}, "epsilon"),
@@ -93,3 +93,27 @@ def test_parameter_shapes_are_checked():
         jbn.batch_renorm(x, gamma[:1], beta, mu, sigma, epsilon=EPS)
     with pytest.raises(ValueError, match="running_stddev must have the feature shape"):
         jbn.batch_renorm(x, gamma, beta, mu, sigma[:2], epsilon=EPS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"rmax": float("nan")}, ValueError),
+        ({"dmax": "1"}, TypeError),
+        ({"rmin": [1.0]}, TypeError),
+    ],
+)
+def test_nan_or_non_numeric_clipping_is_refused(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        jbn.renorm_correction(
+            jnp.zeros(2), jnp.ones(2), jnp.zeros(2), jnp.ones(2), epsilon=EPS, **kwargs
+        )
+
+
+def test_running_stddev_is_floored_at_sqrt_epsilon_as_tf():
+    # A moving variance initialized at 0 gives stddev 0: TF divides by sqrt(epsilon) instead.
+    r, d = jbn.renorm_correction(
+        jnp.array([1.0]), jnp.array([3.0]), jnp.array([0.0]), jnp.array([0.0]), epsilon=EPS
+    )
+    np.testing.assert_allclose(r, np.sqrt(3.0 + EPS) / np.sqrt(EPS), rtol=1e-5)
+    np.testing.assert_allclose(d, 1.0 / np.sqrt(EPS), rtol=1e-5)

@@ -207,3 +207,13 @@ def test_bad_input_is_named(call, error, match):
 def test_errors_surface_at_trace_time():
     with pytest.raises(ValueError, match="axes"):
         jax.jit(lambda x: jbn.moments(x, 5)).lower(jnp.zeros((2, 3)))
+
+
+def test_negative_frequency_weights():
+    x = np.random.default_rng(0).standard_normal((6, 2)).astype(np.float32)
+    weights = np.array([1.0, 2.0, -3.0, 1.0, 1.0, 1.0])[:, None]
+    with pytest.raises(ValueError, match="frequency_weights must be non-negative"):
+        jbn.weighted_moments(x, 0, weights)
+    # Traced weights cannot be checked: the variance is still never negative.
+    _, variance = jax.jit(lambda x, w: jbn.weighted_moments(x, 0, w))(x, weights)
+    assert np.all(np.asarray(variance) >= 0)

@@ -1,0 +1,420 @@
+"""What a batch-norm layer does, without Flax: argument checks, layout and the training forward.
+
+`jbn.BatchNorm` (linen) and `jbn.nnx.BatchNorm` are thin shells over this module and
+`jbn.running`: they own variables and modes; the checks and the choice of core op live here,
+once, so both modules give identical numbers and identical errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbn import _checks
+from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
+from jbn.renorm import batch_renorm
+from jbn.running import STATS_DTYPE, BatchStatistics
+from jbn.stats import statistics
+
+__all__ = [
+    "LayerOptions",
+    "feature_axes",
+    "finish",
+    "inference_forward",
+    "initial_statistic",
+    "layer_options",
+    "prepare_input",
+    "prepare_weights",
+    "train_forward",
+]
+
+DEFAULT_INITIALIZERS: dict[str, Callable] = {
+    "beta": jax.nn.initializers.zeros,
+    "gamma": jax.nn.initializers.ones,
+    "moving_mean": jax.nn.initializers.zeros,
+    "moving_variance": jax.nn.initializers.ones,
+}
+
+PARAM_INITIALIZER_KEYS = ("beta", "gamma", "moving_mean", "moving_variance")
+PARAM_REGULARIZER_KEYS = ("beta", "gamma")
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+DATA_FORMATS = ("NHWC", "NCHW")
+# With data_format: inputs of rank 2 (B, C) to 5 (B, D, H, W, C), as TF1 accepts.
+MIN_RANK, MAX_RANK = 2, 5
+
+
+class LayerOptions(NamedTuple):
+    """Checked, canonical layer arguments that the training forward needs."""
+
+    epsilon: float
+    fused: bool | None
+    renorm: bool
+    rmax: float | None
+    rmin: float | None
+    dmax: float | None
+    virtual_batch_size: int | None
+    axis_name: Any
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+
+
+def _check_keys(mapping: Mapping[str, Any] | None, allowed: Sequence[str], name: str) -> None:
+    if mapping is None:
+        return
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{name} must be a dict with keys {list(allowed)}, got {mapping!r}.")
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}; allowed keys are {list(allowed)}.")
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def layer_options(
+    *,
+    decay: float | None,
+    center: bool,
+    scale: bool,
+    epsilon: float,
+    activation_fn: Callable | None,
+    param_initializers: Mapping[str, Callable] | None,
+    param_regularizers: Mapping[str, Callable] | None,
+    trainable: bool,
+    fused: bool | None,
+    data_format: str | None,
+    axis: int | Sequence[int] | None,
+    zero_debias_moving_mean: bool,
+    renorm: bool,
+    renorm_clipping: Mapping[str, float] | None,
+    renorm_decay: float,
+    virtual_batch_size: int | None,
+    axis_name: Any,
+    axis_index_groups: Sequence[Sequence[int]] | None,
+    dtype: Any,
+    param_dtype: Any,
+    unbiased_moving_variance: bool,
+) -> LayerOptions:
+    """Checks every constructor argument of a jbn batch-norm layer; errors name the argument.
+
+    Returns the canonical options used by `train_forward`.
+    """
+    if decay is not None:
+        _checks.check_decay(decay, "decay")
+    _checks.check_decay(renorm_decay, "renorm_decay")
+    _checks.check_epsilon(epsilon, "epsilon")
+    for name, value in (
+        ("center", center),
+        ("scale", scale),
+        ("trainable", trainable),
+        ("zero_debias_moving_mean", zero_debias_moving_mean),
+        ("renorm", renorm),
+        ("unbiased_moving_variance", unbiased_moving_variance),
+    ):
+        _check_flag(value, name)
+    if decay is None and zero_debias_moving_mean:
+        raise ValueError(
+            "zero_debias_moving_mean needs an exponential decay; decay=None (the cumulative "
+            "average) is already unbiased."
+        )
+    if data_format is not None and data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}.")
+    if data_format is not None and axis is not None:
+        raise ValueError(
+            "Give either data_format (TF1) or axis (flax), not both: they both set the feature "
+            "axis."
+        )
+    if axis is not None:
+        # Checked for its type here; its range depends on the input's rank (call time).
+        _checks.normalize_axes(axis, 64, "axis")
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}.")
+    if fused is True and renorm:
+        raise ValueError(
+            "fused=True cannot be combined with renorm=True: batch renormalization has no "
+            "fused op. Use fused=None or False."
+        )
+    if activation_fn is not None and not callable(activation_fn):
+        raise TypeError(f"activation_fn must be callable or None, got {activation_fn!r}.")
+    _check_keys(param_initializers, PARAM_INITIALIZER_KEYS, "param_initializers")
+    _check_keys(param_regularizers, PARAM_REGULARIZER_KEYS, "param_regularizers")
+    _check_keys(renorm_clipping, RENORM_CLIPPING_KEYS, "renorm_clipping")
+    for mapping, name in (
+        (param_initializers, "param_initializers"),
+        (param_regularizers, "param_regularizers"),
+    ):
+        for key, value in (mapping or {}).items():
+            if not callable(value):
+                raise TypeError(f"{name}[{key!r}] must be callable, got {value!r}.")
+    if renorm_clipping is not None and not renorm:
+        raise ValueError("renorm_clipping is given but renorm=False; set renorm=True.")
+    clipping = dict(renorm_clipping or {})
+    rmax, rmin, dmax = (clipping.get(key) for key in ("rmax", "rmin", "dmax"))
+    _checks.check_clipping(
+        rmax, rmin, dmax, names=tuple(f"renorm_clipping[{k!r}]" for k in ("rmax", "rmin", "dmax"))
+    )
+    if virtual_batch_size is not None:
+        virtual_batch_size = _checks.positive_int(virtual_batch_size, "virtual_batch_size")
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError("axis_index_groups requires axis_name.")
+    groups = _checks.canonical_groups(axis_name, axis_index_groups)
+    if dtype is not None:
+        _checks.check_floating_dtype(dtype, "dtype")
+    _checks.check_floating_dtype(param_dtype, "param_dtype")
+    as_number = lambda v: None if v is None else float(v)
+    return LayerOptions(
+        epsilon=float(epsilon),
+        fused=fused,
+        renorm=bool(renorm),
+        rmax=as_number(rmax),
+        rmin=as_number(rmin),
+        dmax=as_number(dmax),
+        virtual_batch_size=virtual_batch_size,
+        axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
+        axis_index_groups=groups,
+    )
+
+
+def feature_axes(ndim: int, data_format: str | None, axis) -> tuple[int, ...]:
+    """The feature axes of an input of rank `ndim`, checked (errors name the argument).
+
+    With `axis` (flax style, any rank with an axis left to reduce) they are `axis`; otherwise
+    `data_format` (None means 'NHWC') picks the last axis or axis 1 for ranks 2 to 5 (rank 2 has
+    its features last in both formats).
+    """
+    if axis is not None:
+        axes = _checks.normalize_axes(axis, ndim, "axis")
+        if len(axes) == ndim:
+            raise ValueError(f"axis={axis} leaves no axis to reduce for an input of rank {ndim}.")
+        return axes
+    if not MIN_RANK <= ndim <= MAX_RANK:
+        raise ValueError(
+            f"x must have rank {MIN_RANK} to {MAX_RANK} (batch, [spatial...,] features) with "
+            f"data_format, got rank {ndim}; pass axis= for other ranks."
+        )
+    return (ndim - 1,) if data_format in (None, "NHWC") or ndim == 2 else (1,)
+
+
+def _per_example(value: jax.Array, x: jax.Array, name: str) -> jax.Array:
+    """A rank-1 value of length B becomes (B, 1, ..., 1); anything else must broadcast to x."""
+    value = jnp.asarray(value)
+    if value.ndim == 1 and value.shape[0] == x.shape[0]:
+        return value.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    try:
+        broadcast = np.broadcast_shapes(value.shape, x.shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != x.shape:
+        raise ValueError(
+            f"{name} of shape {value.shape} must have shape ({x.shape[0]},) (one entry per "
+            f"example) or broadcast to the input shape {x.shape}."
+        )
+    return value
+
+
+def prepare_weights(x, batch_weights, mask):
+    """`(weights, mask)`: float32 frequency weights when `batch_weights` is given (the mask
+    folded in), else None and the boolean mask (or None); both broadcastable to `x`."""
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean (True = counts), got dtype {mask.dtype}.")
+        mask = _per_example(mask, x, "mask")
+    if batch_weights is None:
+        return None, mask
+    batch_weights = jnp.asarray(batch_weights)
+    if not jnp.issubdtype(batch_weights.dtype, jnp.number):
+        raise TypeError(f"batch_weights must be numeric, got dtype {batch_weights.dtype}.")
+    if not isinstance(batch_weights, jax.core.Tracer) and bool(jnp.any(batch_weights < 0)):
+        raise ValueError("batch_weights must be non-negative (frequency weights).")
+    weights = _per_example(batch_weights, x, "batch_weights").astype(STATS_DTYPE)
+    if mask is not None:
+        weights = weights * mask.astype(STATS_DTYPE)
+    return weights, None
+
+
+def train_forward(
+    x: jax.Array,
+    gamma: jax.Array | None,
+    beta: jax.Array | None,
+    options: LayerOptions,
+    axes: tuple[int, ...],
+    *,
+    weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    renorm_mean: jax.Array | None = None,
+    renorm_stddev: jax.Array | None = None,
+) -> tuple[jax.Array, BatchStatistics]:
+    """Normalizes with batch statistics, choosing the core op.
+
+    The fused op (`fused_batch_norm`, `ghost_batch_norm` with a virtual batch size) runs
+    wherever it applies (no renorm, no frequency weights) unless `options.fused` is False;
+    renorm runs `batch_renorm`; otherwise `moments`/`weighted_moments` statistics and
+    `batch_normalization`. Masked-out (or weight-0) elements reach no shared gradient in any
+    path.
+
+    Args:
+      x: the input, features along `axes` (from `feature_axes`).
+      gamma, beta: feature-shaped parameters or None.
+      options: from `layer_options`.
+      axes: the feature axes.
+      weights, mask: from `prepare_weights`.
+      renorm_mean, renorm_stddev: the renorm correction statistics (renorm only).
+
+    Returns:
+      `(y, batch)`: `y` like `x`; `batch` the statistics, feature-shaped, or with a leading
+      axis of ghost batches, with the counted elements over all devices where the statistics
+      are (ghost statistics are per device).
+    """
+    ghost_size = options.virtual_batch_size
+    batch = x.shape[0]
+    if ghost_size is not None:
+        if 0 in axes:
+            raise ValueError(
+                "axis must not include 0 with virtual_batch_size: ghost batches "
+                "split the batch axis 0."
+            )
+        if batch % ghost_size:
+            raise ValueError(
+                f"The batch size {batch} is not divisible by virtual_batch_size={ghost_size}."
+            )
+    if weights is not None and options.renorm:
+        raise ValueError(
+            "batch_weights cannot be combined with renorm=True (as in TF1); use mask for 0/1 "
+            "weights."
+        )
+    if weights is not None and options.fused is True:
+        raise ValueError(
+            "fused=True cannot apply with batch_weights: the fused op takes a boolean mask "
+            "only. Use fused=None (auto) or False."
+        )
+    use_fused = options.fused is not False and not options.renorm and weights is None
+    axis_name = _checks.canonical_axis_name(options.axis_name)
+    groups = options.axis_index_groups
+
+    if use_fused:
+        if ghost_size is not None:
+            y, mean, variance, count = ghost_batch_norm(
+                x,
+                gamma,
+                beta,
+                virtual_batch_size=ghost_size,
+                epsilon=options.epsilon,
+                axis=axes,
+                mask=mask,
+                return_count=True,
+            )
+        else:
+            y, mean, variance, count = fused_batch_norm(
+                x,
+                gamma,
+                beta,
+                epsilon=options.epsilon,
+                axis=axes,
+                axis_name=axis_name,
+                axis_index_groups=groups,
+                mask=mask,
+                return_count=True,
+            )
+        return y, BatchStatistics(count, mean, variance)
+
+    if ghost_size is None:
+        work_x, work_axes = x, axes
+        work_mask, work_weights = mask, weights
+    else:
+        # Ghost batches become a leading axis that, like the features, is not reduced; their
+        # statistics are local by definition (only the running update is merged).
+        ghost_shape = (batch // ghost_size, ghost_size, *x.shape[1:])
+        work_x, work_axes = x.reshape(ghost_shape), (0, *(a + 1 for a in axes))
+        regroup = lambda v: None if v is None else jnp.broadcast_to(v, x.shape).reshape(ghost_shape)
+        work_mask, work_weights = regroup(mask), regroup(weights)
+        axis_name, groups = None, None
+    stats_shape = tuple(work_x.shape[a] for a in work_axes)
+    per_stat = lambda v: None if v is None else jnp.broadcast_to(v, stats_shape)
+
+    if options.renorm:
+        y, mean, variance, count = batch_renorm(
+            work_x,
+            per_stat(gamma),
+            per_stat(beta),
+            per_stat(renorm_mean),
+            per_stat(renorm_stddev),
+            epsilon=options.epsilon,
+            rmax=options.rmax,
+            rmin=options.rmin,
+            dmax=options.dmax,
+            axis=work_axes,
+            axis_name=axis_name,
+            axis_index_groups=groups,
+            mask=work_mask,
+            return_count=True,
+        )
+        return y.reshape(x.shape), BatchStatistics(count, mean, variance)
+
+    reduce_axes = tuple(a for a in range(work_x.ndim) if a not in work_axes)
+    counted = work_weights if work_weights is not None else work_mask
+    stats = statistics(work_x, reduce_axes, counted, axis_name, groups)
+    keep = lambda v: None if v is None else jnp.expand_dims(per_stat(v), reduce_axes)
+    counted_mask = None if counted is None else counted != 0
+    y = batch_normalization(
+        work_x,
+        stats.mean,
+        stats.variance,
+        keep(beta),
+        keep(gamma),
+        options.epsilon,
+        mask=counted_mask,
+    )
+    as_stats = lambda v: jnp.broadcast_to(v, stats.mean.shape).reshape(stats_shape)
+    batch_stats = BatchStatistics(
+        as_stats(stats.count), as_stats(stats.mean), as_stats(stats.variance)
+    )
+    return y.reshape(x.shape), batch_stats
+
+
+def initializer(initializers: Mapping[str, Callable] | None, name: str) -> Callable:
+    """The `param_initializers` entry for `name`, or its default (zeros / ones)."""
+    return (initializers or {}).get(name, DEFAULT_INITIALIZERS[name])
+
+
+def initial_statistic(initializers, name: str, make_key, feature_shape) -> jax.Array:
+    """The initial `moving_mean`/`moving_variance` from `param_initializers` (float32);
+    `make_key()` gives the RNG key, drawn only for a user initializer."""
+    user_initializer = (initializers or {}).get(name)
+    if user_initializer is None:
+        return DEFAULT_INITIALIZERS[name](None, feature_shape, STATS_DTYPE)
+    value = jnp.asarray(user_initializer(make_key(), feature_shape, STATS_DTYPE), STATS_DTYPE)
+    if value.shape != feature_shape:
+        raise ValueError(
+            f"param_initializers[{name!r}] returned shape {value.shape}, expected {feature_shape}."
+        )
+    return value
+
+
+def prepare_input(x, dtype) -> tuple[jax.Array, jnp.dtype]:
+    """`(x in the computation dtype, output dtype)`: checks that `x` is floating; computes in
+    `promote_types(x.dtype, dtype)`; the output has `dtype` (None: x's dtype)."""
+    x = jnp.asarray(x)
+    _checks.check_floating(x, "x")
+    output_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    return x.astype(jnp.promote_types(x.dtype, output_dtype)), output_dtype
+
+
+def inference_forward(x, mean, variance, beta, gamma, epsilon, axes) -> jax.Array:
+    """Normalizes with the moving statistics (feature-shaped values, features along `axes`)."""
+    keep_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+    as_keep = lambda v: None if v is None else jnp.reshape(v, keep_shape)
+    return batch_normalization(
+        x, as_keep(mean), as_keep(variance), as_keep(beta), as_keep(gamma), epsilon
+    )
+
+
+def finish(y: jax.Array, output_dtype, activation_fn) -> jax.Array:
+    """Casts to the output dtype, then applies `activation_fn` (TF1's Python-level fusion)."""
+    y = y.astype(output_dtype)
+    return y if activation_fn is None else activation_fn(y)

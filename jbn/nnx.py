@@ -1,0 +1,372 @@
+"""`jbn.nnx.BatchNorm`: jbn's batch norm as a Flax NNX module, plus conversion helpers.
+
+Same arguments, defaults, checks and numbers as the linen `jbn.BatchNorm` (both are thin shells
+over `jbn.layer` and `jbn.running`), with NNX's conventions: the mode is the attribute
+`use_running_average` (set by `model.train()`, `model.eval()` and `nnx.view`), `gamma`/`beta`
+are `nnx.Param`, the running statistics `nnx.BatchStat` updated in place during training.
+
+Example, training with `nnx.Optimizer` and evaluating::
+
+    import jax.numpy as jnp, optax, jbn
+    from flax import nnx
+
+    model = jbn.nnx.BatchNorm(3, decay=0.9, scale=True, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, target):
+        def loss_fn(model):
+            return jnp.mean((model(x) - target) ** 2) + jbn.nnx.regularization_loss(model)
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()   # batch statistics; moving statistics move
+    loss = train_step(model, optimizer, x, target)
+    model.eval()    # moving statistics, nothing moves
+    y = model(x)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jbn import _checks, layer, running
+
+__all__ = [
+    "BatchNorm",
+    "from_linen_variables",
+    "regularization_loss",
+    "replace_flax_batch_norm",
+    "to_linen_variables",
+]
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization with TF1's arguments, for Flax NNX.
+
+    Args:
+      num_features: size of the feature axis (a tuple of sizes for several `axis` entries).
+      use_running_average: the mode attribute: False trains (batch statistics; the moving
+        statistics move in place), True evaluates (moving statistics, nothing moves). None
+        (default) requires the call argument, `model.train()` or `model.eval()`.
+      rngs: `nnx.Rngs` for the initializers.
+      decay, center, scale, epsilon, activation_fn, param_initializers, param_regularizers,
+        trainable, fused, data_format, axis, zero_debias_moving_mean, renorm,
+        renorm_clipping, renorm_decay, virtual_batch_size, axis_name, axis_index_groups,
+        dtype, param_dtype, unbiased_moving_variance: as in `jbn.BatchNorm` (same defaults,
+        same checks, same numbers).
+
+    Attributes: `beta`, `gamma` (`nnx.Param` or None); `moving_mean`, `moving_variance` and,
+    depending on the options, `moving_stddev`, `moving_mean_biased`, `renorm_mean`,
+    `renorm_stddev`, `num_updates` (`nnx.BatchStat`, float32 / int32), the variables of the
+    linen module under the same names.
+
+    Regularization: where linen sows to `losses`, call `self.regularization_loss()` (or
+    `jbn.nnx.regularization_loss(model)` for every jbn layer of a model) and add it to the loss.
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        decay: float | None = 0.999,
+        center: bool = True,
+        scale: bool = False,
+        epsilon: float = 0.001,
+        activation_fn: Callable[[jax.Array], jax.Array] | None = None,
+        param_initializers: Mapping[str, Callable] | None = None,
+        param_regularizers: Mapping[str, Callable] | None = None,
+        use_running_average: bool | None = None,
+        trainable: bool = True,
+        fused: bool | None = None,
+        data_format: str | None = None,
+        axis: int | Sequence[int] | None = None,
+        zero_debias_moving_mean: bool = False,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_decay: float = 0.99,
+        virtual_batch_size: int | None = None,
+        axis_name: Any = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        unbiased_moving_variance: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.options = nnx.static(
+            layer.layer_options(
+                decay=decay,
+                center=center,
+                scale=scale,
+                epsilon=epsilon,
+                activation_fn=activation_fn,
+                param_initializers=param_initializers,
+                param_regularizers=param_regularizers,
+                trainable=trainable,
+                fused=fused,
+                data_format=data_format,
+                axis=axis,
+                zero_debias_moving_mean=zero_debias_moving_mean,
+                renorm=renorm,
+                renorm_clipping=renorm_clipping,
+                renorm_decay=renorm_decay,
+                virtual_batch_size=virtual_batch_size,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                unbiased_moving_variance=unbiased_moving_variance,
+            )
+        )
+        if use_running_average is not None:
+            _checks.as_bool(use_running_average, "use_running_average")
+        feature_shape = (
+            (_checks.positive_int(num_features, "num_features"),)
+            if not isinstance(num_features, Sequence)
+            else tuple(_checks.positive_int(n, "num_features") for n in num_features)
+        )
+        self.feature_shape = feature_shape
+        self.decay, self.epsilon, self.renorm_decay = decay, epsilon, renorm_decay
+        self.zero_debias_moving_mean = zero_debias_moving_mean
+        self.unbiased_moving_variance = unbiased_moving_variance
+        self.renorm = renorm
+        self.data_format, self.axis = data_format, axis
+        self.activation_fn = activation_fn
+        self.param_regularizers = dict(param_regularizers or {})
+        self.trainable = trainable
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.use_running_average = use_running_average
+
+        for name, enabled in (("beta", center), ("gamma", scale)):
+            value = None
+            if enabled:
+                init = layer.initializer(param_initializers, name)
+                value = nnx.Param(init(rngs.params(), feature_shape, param_dtype))
+            setattr(self, name, value if enabled else nnx.data(None))
+        state = self._rule().init(
+            layer.initial_statistic(param_initializers, "moving_mean", rngs.params, feature_shape),
+            layer.initial_statistic(
+                param_initializers, "moving_variance", rngs.params, feature_shape
+            ),
+        )
+        for field, value in state._asdict().items():
+            if value is not None:
+                setattr(self, running.VARIABLE_NAMES[field], nnx.BatchStat(value))
+
+    def _rule(self) -> running.RunningStatisticsUpdate:
+        return running.running_statistics(
+            self.decay,
+            epsilon=self.epsilon,
+            zero_debias_mean=self.zero_debias_moving_mean,
+            unbiased_variance=self.unbiased_moving_variance,
+            renorm=self.renorm,
+            renorm_decay=self.renorm_decay,
+        )
+
+    def _statistics(self) -> dict[str, nnx.BatchStat]:
+        """The running-statistics variables, keyed by `RunningStatistics` field."""
+        return {
+            field: getattr(self, name)
+            for field, name in running.VARIABLE_NAMES.items()
+            if isinstance(getattr(self, name, None), nnx.BatchStat)
+        }
+
+    def _params(self) -> tuple[jax.Array | None, jax.Array | None]:
+        values = []
+        for param in (self.beta, self.gamma):
+            value = None if param is None else param[...]
+            if value is not None and not self.trainable:
+                # TF1's trainable=False: frozen parameters, statistics mode unchanged.
+                value = lax.stop_gradient(value)
+            values.append(value)
+        return values[0], values[1]
+
+    def regularization_loss(self) -> jax.Array:
+        """Sum of `param_regularizers` applied to `beta`/`gamma` (0.0 without any)."""
+        total = jnp.zeros((), jnp.float32)
+        for name, regularizer in self.param_regularizers.items():
+            param = getattr(self, name)
+            if param is not None:
+                total = total + regularizer(param[...])
+        return total
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        batch_weights: jax.Array | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes `x`; in training also updates the running statistics in place.
+
+        Args:
+          x: as in `jbn.BatchNorm`.
+          use_running_average: overrides the attribute: True evaluates, False trains.
+          batch_weights, mask: as in `jbn.BatchNorm` (training only).
+
+        Returns:
+          An array of `x`'s shape and dtype `dtype` (None: `x`'s dtype).
+        """
+        value = self.use_running_average if use_running_average is None else use_running_average
+        if value is None:
+            raise ValueError(
+                "jbn.nnx.BatchNorm needs use_running_average: call model.train() or "
+                "model.eval(), pass it to the constructor, or to the call."
+            )
+        training = not _checks.as_bool(value, "use_running_average")
+        options = self.options
+        x, output_dtype = layer.prepare_input(x, self.dtype)
+        axes = layer.feature_axes(x.ndim, self.data_format, self.axis)
+        feature_shape = tuple(x.shape[a] for a in axes)
+        if feature_shape != self.feature_shape:
+            raise ValueError(
+                f"x has features of shape {feature_shape} along axis {axes}, but the layer was "
+                f"built with num_features={self.feature_shape}."
+            )
+        beta, gamma = self._params()
+        variables = self._statistics()
+        state = running.RunningStatistics(**{k: v[...] for k, v in variables.items()})
+        if not training:
+            y = layer.inference_forward(
+                x, state.mean, state.variance, beta, gamma, options.epsilon, axes
+            )
+            return layer.finish(y, output_dtype, self.activation_fn)
+        weights, mask = layer.prepare_weights(x, batch_weights, mask)
+        y, batch = layer.train_forward(
+            x,
+            gamma,
+            beta,
+            options,
+            axes,
+            weights=weights,
+            mask=mask,
+            renorm_mean=state.renorm_mean,
+            renorm_stddev=state.renorm_stddev,
+        )
+        new_state = self._rule().update(state, batch, options.axis_name, options.axis_index_groups)
+        for field, variable in variables.items():
+            variable[...] = lax.stop_gradient(getattr(new_state, field))
+        return layer.finish(y, output_dtype, self.activation_fn)
+
+
+def regularization_loss(model: nnx.Module) -> jax.Array:
+    """Sum of every `jbn.nnx.BatchNorm`'s `regularization_loss()` inside `model`."""
+    total = jnp.zeros((), jnp.float32)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, BatchNorm):
+            total = total + node.regularization_loss()
+    return total
+
+
+def to_linen_variables(model: BatchNorm) -> dict[str, dict[str, jax.Array]]:
+    """`{"params": ..., "batch_stats": ...}` for `jbn.BatchNorm(...).apply` (same names)."""
+    params = {
+        name: getattr(model, name)[...]
+        for name in ("beta", "gamma")
+        if getattr(model, name) is not None
+    }
+    return {
+        "params": params,
+        "batch_stats": {
+            running.VARIABLE_NAMES[field]: variable[...]
+            for field, variable in model._statistics().items()
+        },
+    }
+
+
+def from_linen_variables(model: BatchNorm, variables: Mapping[str, Any]) -> BatchNorm:
+    """Copies linen `jbn.BatchNorm` variables into `model` in place (and returns it).
+
+    Raises ValueError when the two do not hold the same variables (different options).
+    """
+    params = dict(variables.get("params", {}))
+    stats = dict(variables.get("batch_stats", {}))
+    want_params = {n for n in ("beta", "gamma") if getattr(model, n) is not None}
+    want_stats = {running.VARIABLE_NAMES[f] for f in model._statistics()}
+    if set(params) != want_params or set(stats) != want_stats:
+        raise ValueError(
+            f"variables hold params {sorted(params)} and batch_stats {sorted(stats)}, but the "
+            f"model has {sorted(want_params)} and {sorted(want_stats)}: build both modules "
+            "with the same options."
+        )
+    for name, value in params.items():
+        getattr(model, name)[...] = jnp.asarray(value, getattr(model, name)[...].dtype)
+    for name, value in stats.items():
+        getattr(model, name)[...] = jnp.asarray(value, getattr(model, name)[...].dtype)
+    return model
+
+
+def _get(parent, key):
+    return (
+        parent[key]
+        if isinstance(parent, (nnx.List, nnx.Dict, list, dict))
+        else getattr(parent, key)
+    )
+
+
+def _set(parent, key, value) -> None:
+    if isinstance(parent, (nnx.List, nnx.Dict, list, dict)):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+def from_flax(layer_: nnx.BatchNorm, **overrides) -> BatchNorm:
+    """A `jbn.nnx.BatchNorm` with a `flax.nnx.BatchNorm`'s settings, parameters and statistics.
+
+    Mapping: `momentum -> decay`, `use_bias -> center`, `use_scale -> scale`, `bias -> beta`,
+    `scale -> gamma`, `mean -> moving_mean`, `var -> moving_variance`; `epsilon`, `axis`,
+    `axis_name`, `axis_index_groups`, `dtype`, `param_dtype`, `use_running_average` carry over.
+    `overrides` are further `jbn.nnx.BatchNorm` arguments (e.g. `renorm=True`).
+    """
+    kwargs = dict(
+        decay=layer_.momentum,
+        epsilon=layer_.epsilon,
+        center=layer_.use_bias,
+        scale=layer_.use_scale,
+        axis=layer_.axis,
+        axis_name=layer_.axis_name,
+        axis_index_groups=layer_.axis_index_groups,
+        dtype=layer_.dtype,
+        param_dtype=layer_.param_dtype,
+        use_running_average=layer_.use_running_average,
+    )
+    kwargs.update(overrides)
+    new = BatchNorm(layer_.num_features, rngs=nnx.Rngs(0), **kwargs)
+    if layer_.use_bias and new.beta is not None:
+        new.beta[...] = layer_.bias[...]
+    if layer_.use_scale and new.gamma is not None:
+        new.gamma[...] = layer_.scale[...]
+    new.moving_mean[...] = layer_.mean[...]
+    new.moving_variance[...] = layer_.var[...]
+    return new
+
+
+def replace_flax_batch_norm(model: nnx.Module, **overrides) -> nnx.Module:
+    """Replaces every `flax.nnx.BatchNorm` inside `model` by a `jbn.nnx.BatchNorm` in place.
+
+    Parameters and statistics carry over (see `from_flax`), so a model switches in one line::
+
+        model = jbn.nnx.replace_flax_batch_norm(model)            # same numbers, jbn's layer
+        model = jbn.nnx.replace_flax_batch_norm(model, renorm=True)  # and a jbn feature
+
+    Nested submodules, `nnx.List` and `nnx.Dict` are searched. Returns `model` (or the new layer
+    when `model` itself is a `flax.nnx.BatchNorm`).
+    """
+    if isinstance(model, nnx.BatchNorm):
+        return from_flax(model, **overrides)
+    paths = [path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]
+    for path in paths:
+        parent = model
+        for key in path[:-1]:
+            parent = _get(parent, key)
+        _set(parent, path[-1], from_flax(_get(parent, path[-1]), **overrides))
+    return model

@@ -1,0 +1,272 @@
+"""jbn.nnx.BatchNorm: same numbers as the linen module, flax.nnx.BatchNorm where semantics agree,
+and the NNX transforms (nnx.jit + nnx.Optimizer, nnx.grad, nnx.vmap)."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jbn
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def batches(shape, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (1.5 + 2.0 * rng.standard_normal(shape) * rng.uniform(0.5, 2.0)).astype(np.float32)
+        for _ in range(steps)
+    ]
+
+
+MODES = {
+    "fused": (dict(), {}),
+    "composite_nchw": (dict(fused=False, data_format="NCHW"), {}),
+    "ghost_masked": (
+        dict(virtual_batch_size=2),
+        {"mask": np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)},
+    ),
+    "renorm": (dict(renorm=True, renorm_decay=0.7, renorm_clipping={"rmax": 1.2, "dmax": 0.5}), {}),
+    "zero_debias_unbiased": (dict(zero_debias_moving_mean=True, unbiased_moving_variance=True), {}),
+    "cumulative": (dict(decay=None), {}),
+    "weighted": (dict(), {"batch_weights": np.array([1, 2, 0, 1, 3, 1, 1, 0.5], np.float32)}),
+    "axis_tuple": (dict(axis=(1, 3)), {}),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_same_outputs_statistics_and_gradients_as_linen(mode):
+    kwargs, call = MODES[mode]
+    kwargs = {"decay": 0.8, "scale": True, **kwargs}
+    shape = (8, 3, 2, 3)
+    xs = batches(shape, steps=3)
+    linen = jbn.BatchNorm(**kwargs)
+    variables = linen.init(jax.random.key(0), xs[0], is_training=False)
+    axes = jbn.layer.feature_axes(len(shape), kwargs.get("data_format"), kwargs.get("axis"))
+    features = tuple(shape[a] for a in axes)
+    model = jbn.nnx.BatchNorm(
+        features if len(features) > 1 else features[0], **kwargs, rngs=nnx.Rngs(0)
+    )
+    rng = np.random.default_rng(1)
+    gamma = rng.uniform(0.5, 2, features).astype(np.float32)
+    variables["params"]["gamma"] = gamma
+    jbn.nnx.from_linen_variables(model, variables)
+    cotangent = rng.standard_normal(shape).astype(np.float32)
+
+    def linen_loss(params, stats, x):
+        y, updates = linen.apply(
+            {"params": params, "batch_stats": stats},
+            x,
+            is_training=True,
+            mutable=["batch_stats"],
+            **call,
+        )
+        return jnp.sum(y * cotangent), (y, updates["batch_stats"])
+
+    def nnx_loss(model, x):
+        y = model(x, use_running_average=False, **call)
+        return jnp.sum(y * cotangent), y
+
+    for x in xs:
+        (_, (y_ref, stats_ref)), (param_grads_ref, grad_x_ref) = jax.value_and_grad(
+            linen_loss, argnums=(0, 2), has_aux=True
+        )(variables["params"], variables["batch_stats"], x)
+        # nnx.grad of the model and the input; the call moves the statistics in place.
+        (grads, grad_x), y = nnx.grad(nnx_loss, argnums=(0, 1), has_aux=True)(model, x)
+        np.testing.assert_allclose(y, y_ref, **TOL)
+        np.testing.assert_allclose(grad_x, grad_x_ref, **TOL)
+        for name in ("gamma", "beta"):
+            np.testing.assert_allclose(grads[name][...], param_grads_ref[name], **TOL)
+        got = jbn.nnx.to_linen_variables(model)["batch_stats"]
+        assert set(got) == set(stats_ref)
+        for name, value in stats_ref.items():
+            np.testing.assert_allclose(got[name], value, **TOL, err_msg=name)
+            assert got[name].dtype == value.dtype
+        variables = {**variables, "batch_stats": stats_ref}
+    # Evaluation agrees too, and moves nothing.
+    model.eval()
+    y_eval = model(xs[0])
+    np.testing.assert_allclose(y_eval, linen.apply(variables, xs[0], is_training=False), **TOL)
+    np.testing.assert_array_equal(
+        jbn.nnx.to_linen_variables(model)["batch_stats"]["moving_mean"],
+        variables["batch_stats"]["moving_mean"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "data_format", "flax_axis"),
+    [((6, 4, 4, 3), "NHWC", -1), ((6, 3, 4, 4), "NCHW", 1), ((16, 5), "NHWC", -1)],
+)
+def test_matches_flax_nnx_batch_norm(shape, data_format, flax_axis):
+    decay, epsilon = 0.8, 1e-3
+    features = shape[flax_axis]
+    ours = jbn.nnx.BatchNorm(
+        features,
+        decay=decay,
+        scale=True,
+        epsilon=epsilon,
+        data_format=data_format,
+        rngs=nnx.Rngs(0),
+    )
+    theirs = nnx.BatchNorm(
+        features,
+        momentum=decay,
+        epsilon=epsilon,
+        axis=flax_axis,
+        use_fast_variance=False,
+        rngs=nnx.Rngs(0),
+    )
+    for model in (ours, theirs):
+        model.train()
+    for x in batches(shape, steps=3):
+        np.testing.assert_allclose(ours(x), theirs(x), **TOL)
+    np.testing.assert_allclose(ours.moving_mean[...], theirs.mean[...], **TOL)
+    np.testing.assert_allclose(ours.moving_variance[...], theirs.var[...], **TOL)
+    for model in (ours, theirs):
+        model.eval()
+    x = batches(shape, steps=1, seed=9)[0]
+    np.testing.assert_allclose(ours(x), theirs(x), **TOL)
+
+
+class SmallNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+        self.norm = jbn.nnx.BatchNorm(
+            4,
+            decay=0.9,
+            scale=True,
+            param_regularizers={"gamma": lambda g: 1e-3 * jnp.sum(g**2)},
+            rngs=rngs,
+        )
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.norm(self.conv(x)))
+        return self.head(jnp.mean(x, (1, 2)))
+
+
+def test_nnx_jit_with_optimizer_trains_and_eval_is_deterministic():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 6, 6, 1)).astype(np.float32) * 3 + 5
+    labels = (x.mean((1, 2, 3)) > 5).astype(np.int32)
+    model = SmallNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, labels):
+        def loss_fn(model):
+            logits = model(x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss + jbn.nnx.regularization_loss(model)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    initial_mean = np.asarray(model.norm.moving_mean[...])
+    losses = [float(train_step(model, optimizer, x, labels)) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert not np.allclose(model.norm.moving_mean[...], initial_mean)
+    model.eval()
+    stats = np.asarray(model.norm.moving_variance[...])
+    eval_step = nnx.jit(lambda model, x: model(x))
+    first, second = eval_step(model, x), eval_step(model, x[::-1])[::-1]
+    np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-6)  # per example, no batch stats
+    np.testing.assert_array_equal(model.norm.moving_variance[...], stats)
+
+
+def test_nnx_vmap_ensemble_called_twice():
+    members, decay = 3, 0.5
+
+    @nnx.split_rngs(splits=members)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return jbn.nnx.BatchNorm(3, decay=decay, use_running_average=False, rngs=rngs)
+
+    ensemble = create(nnx.Rngs(0))
+
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def forward(model, x):
+        return model(x)
+
+    xs = batches((members, 8, 3), steps=2)
+    moving_mean = np.zeros((members, 3))
+    for x in xs:  # flax#4760: the second call is where flax's own layer breaks
+        y = forward(ensemble, x)
+        x64 = x.astype(np.float64)
+        mean, var = x64.mean(1, keepdims=True), x64.var(1, keepdims=True)
+        np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-3), **TOL)
+        moving_mean = decay * moving_mean + (1 - decay) * mean[:, 0]
+    np.testing.assert_allclose(ensemble.moving_mean[...], moving_mean, rtol=1e-5)
+
+
+class Nested(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.BatchNorm(3, momentum=0.9, epsilon=1e-3, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                nnx.Sequential(nnx.Linear(3, 3, rngs=rngs), nnx.BatchNorm(3, rngs=rngs))
+                for _ in range(2)
+            ]
+        )
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = nnx.relu(block(x))
+        return x
+
+
+def test_replace_flax_batch_norm_in_nested_model():
+    model = Nested(nnx.Rngs(0))
+    model.train()
+    xs = batches((8, 3), steps=3)
+    model(xs[0])  # move flax's statistics away from their initial values
+    reference = nnx.clone(model)
+    jbn.nnx.replace_flax_batch_norm(model)
+    layers = [model.stem, *(block.layers[1] for block in model.blocks)]
+    assert all(isinstance(layer, jbn.nnx.BatchNorm) for layer in layers)
+    assert not any(isinstance(n, nnx.BatchNorm) for _, n in nnx.iter_graph(model))
+    # flax's default one-pass variance differs from jbn's exact one by round-off only here.
+    for x in xs[1:]:
+        np.testing.assert_allclose(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.stem.moving_variance[...], reference.stem.var[...], rtol=1e-5, atol=1e-6
+    )
+    model.eval()
+    reference.eval()
+    np.testing.assert_allclose(model(xs[0]), reference(xs[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_constructor_checks_are_those_of_linen():
+    for kwargs, error in (
+        (dict(decay="0.9"), TypeError),
+        (dict(renorm=True, renorm_clipping={"rmax": float("nan")}), ValueError),
+        (dict(dtype=jnp.int32), TypeError),
+        (dict(use_running_average="False"), TypeError),
+    ):
+        name = next(iter(kwargs)) if "renorm_clipping" not in kwargs else "renorm_clipping"
+        with pytest.raises(error, match=name):
+            jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **kwargs)
+    model = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="use_running_average"):
+        model(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="num_features"):
+        model(np.ones((2, 4), np.float32), use_running_average=True)
+
+
+def test_readme_nnx_example_runs():
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## `jbn.nnx.BatchNorm`") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["losses"][-1] < namespace["losses"][0]

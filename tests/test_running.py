@@ -1,0 +1,122 @@
+"""jbn.running against the update rules written out in float64 numpy (no Flax)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jbn.running import BatchStatistics, running_statistics
+
+EPS = 1e-3
+
+
+def random_batches(steps, ghosts=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (3,) if ghosts is None else (ghosts, 3)
+    return [
+        BatchStatistics(
+            count=rng.integers(2, 9, shape).astype(np.float32),
+            mean=rng.normal(2.0, 1.0, shape).astype(np.float32),
+            variance=rng.uniform(0.5, 4.0, shape).astype(np.float32),
+        )
+        for _ in range(steps)
+    ]
+
+
+def run(rule, batches, mean0, variance0):
+    state = rule.init(mean0, variance0)
+    for batch in batches:
+        state = rule.update(state, batch)
+    return state
+
+
+MEAN0, VARIANCE0 = np.array([0.5, 0.0, -1.0]), np.array([4.0, 1.0, 0.25])
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("decay", [0.9, None])
+def test_exponential_and_cumulative(decay, unbiased):
+    batches = random_batches(4)
+    state = run(
+        running_statistics(decay, epsilon=EPS, unbiased_variance=unbiased),
+        batches,
+        MEAN0,
+        VARIANCE0,
+    )
+    mean, variance = MEAN0.copy(), VARIANCE0.copy()
+    for step, b in enumerate(batches, start=1):
+        v = b.variance * b.count / (b.count - 1) if unbiased else b.variance
+        if decay is None:
+            mean, variance = mean + (b.mean - mean) / step, variance + (v - variance) / step
+        else:
+            mean = decay * mean + (1 - decay) * b.mean
+            variance = decay * variance + (1 - decay) * v
+    np.testing.assert_allclose(state.mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(state.variance, variance, rtol=1e-5)
+    if decay is None:
+        assert int(state.num_updates) == 4
+
+
+def test_zero_debiased_mean():
+    decay, batches = 0.8, random_batches(3)
+    state = run(
+        running_statistics(decay, epsilon=EPS, zero_debias_mean=True), batches, MEAN0, VARIANCE0
+    )
+    biased = np.zeros(3)
+    for b in batches:
+        biased = decay * biased + (1 - decay) * b.mean
+    np.testing.assert_allclose(state.mean_biased, biased, rtol=1e-5)
+    np.testing.assert_allclose(state.mean, biased / (1 - decay**3), rtol=1e-5)
+    assert int(state.num_updates) == 3
+
+
+def test_renorm_as_tf1():
+    decay, renorm_decay, batches = 0.9, 0.6, random_batches(4)
+    rule = running_statistics(decay, epsilon=EPS, renorm=True, renorm_decay=renorm_decay)
+    state = rule.init(MEAN0, VARIANCE0)
+    np.testing.assert_allclose(state.stddev, np.sqrt(VARIANCE0))  # Keras: sqrt of the initializer
+    np.testing.assert_allclose(state.variance, VARIANCE0 - EPS, rtol=1e-6)
+    for b in batches:
+        state = rule.update(state, b)
+    mean, stddev = MEAN0.copy(), np.sqrt(VARIANCE0)
+    renorm_mean, renorm_stddev = MEAN0.copy(), np.sqrt(VARIANCE0)
+    for b in batches:
+        sigma = np.sqrt(b.variance.astype(np.float64) + EPS)
+        mean = decay * mean + (1 - decay) * b.mean
+        stddev = decay * stddev + (1 - decay) * sigma
+        renorm_mean = renorm_decay * renorm_mean + (1 - renorm_decay) * b.mean
+        renorm_stddev = renorm_decay * renorm_stddev + (1 - renorm_decay) * sigma
+    np.testing.assert_allclose(state.mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(state.stddev, stddev, rtol=1e-5)
+    np.testing.assert_allclose(state.variance, stddev**2 - EPS, rtol=1e-5)
+    np.testing.assert_allclose(state.renorm_mean, renorm_mean, rtol=1e-5)
+    np.testing.assert_allclose(state.renorm_stddev, renorm_stddev, rtol=1e-5)
+
+
+def test_ghost_statistics_are_pooled_by_count_and_empty_features_keep_their_values():
+    decay = 0.7
+    (batch,) = random_batches(1, ghosts=4)
+    count = batch.count.copy()
+    count[:, 2] = 0  # feature 2 counted nothing in any ghost batch
+    batch = batch._replace(count=count)
+    rule = running_statistics(decay, epsilon=EPS, unbiased_variance=True)
+    state = rule.update(rule.init(MEAN0, VARIANCE0), batch)
+    n = count[:, :2].astype(np.float64)
+    pooled_mean = (n * batch.mean[:, :2]).sum(0) / n.sum(0)
+    pooled_variance = (n * batch.variance[:, :2] * n / (n - 1)).sum(0) / n.sum(0)
+    np.testing.assert_allclose(
+        state.mean[:2], decay * MEAN0[:2] + (1 - decay) * pooled_mean, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        state.variance[:2], decay * VARIANCE0[:2] + (1 - decay) * pooled_variance, rtol=1e-5
+    )
+    assert state.mean[2] == MEAN0[2] and state.variance[2] == VARIANCE0[2]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="zero_debias"):
+        running_statistics(None, epsilon=EPS, zero_debias_mean=True)
+    with pytest.raises(TypeError, match="decay"):
+        running_statistics("0.9", epsilon=EPS)
+    with pytest.raises(TypeError, match="epsilon"):
+        running_statistics(0.9, epsilon=None)
