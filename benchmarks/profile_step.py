@@ -329,6 +329,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    if args.steps % 5:
+        parser.error("--steps must be a multiple of 5 (the x5 variants run 5 steps per call)")
     {"breakdown": breakdown, "xla-flags": xla_flags, "child": measure_in_subprocess}[args.mode](
         args
     )
