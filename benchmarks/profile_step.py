@@ -4,16 +4,22 @@
     python benchmarks/profile_step.py xla-flags [--batch 128] [--rounds 5] [--steps 10]
 
 `breakdown` times the parts of one step side by side (interleaved rounds, medians), for XLA
-and for PyTorch on the same network and batch (32x32x3 images, Adam, BN + ReLU):
+and for PyTorch on the same network and batch (32x32x3 images, Adam, BN + ReLU). "fast" is the
+default network (train/layers.py's convolutions and max pools), "flax layers" the same network
+with flax's own (`model.fast_layers=False`):
 * step: the whole train step (forward, backward, Adam, moving averages);
 * forward+backward: gradients only, no optimizer;
 * forward: the training-mode forward pass alone;
-* convolutions fwd+bwd: the five convolutions (with bias) alone, gradients w.r.t. the kernels
-  and the input, in NHWC and in NCHW (XLA) / contiguous and channels_last (PyTorch);
+* convolutions fwd+bwd: the five convolutions alone, each on an input of its layer's shape,
+  gradients w.r.t. the kernels and the inputs; XLA's in NHWC and NCHW, train/layers.py's
+  (NHWC); PyTorch's contiguous and channels_last;
+* max pools fwd+bwd: the four 2x2/2 max pools alone, each on an input of its layer's shape,
+  gradients w.r.t. the inputs; flax's, train/layers.py's, PyTorch's;
 * adam: the optimizer update alone on the network's parameters;
 * dispatch: a jitted step that passes the whole train state through unchanged (donated), i.e.
   what calling a compiled step costs before any arithmetic;
-* scan x5 / unrolled x5: five steps in one dispatch, by `lax.scan` and by an unrolled loop.
+* scan x5 / unrolled x5: five steps in one dispatch, by `lax.scan` and by an unrolled loop
+  (`lax.scan` of the flax-layers step is timed once: it is many times slower).
 
 `xla-flags` runs the jbn step in a subprocess per XLA_FLAGS setting (flags are read once per
 process), the default first and last, and reports images/s relative to the mean of the two
@@ -27,7 +33,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,21 +51,30 @@ FLAG_SETTINGS = {
 }
 
 
-SCAN = "jax scan x5 (per step, timed once)"
+SCAN_FLAX_LAYERS = "jax scan x5 flax layers (per step, timed once)"
+# The network's layer shapes for 32x32 inputs: conv (input, kernel) and max-pool input shapes.
+CONV_SHAPES = [
+    ((32, 32, 3), (3, 3, 3, 64)),
+    ((16, 16, 64), (3, 3, 64, 64)),
+    ((8, 8, 64), (3, 3, 64, 32)),
+    ((4, 4, 32), (3, 3, 32, 16)),
+    ((2, 2, 16), (3, 3, 16, 10)),
+]
+POOL_SHAPES = [(32, 32, 64), (16, 16, 64), (8, 8, 32), (4, 4, 16)]
 
 
 def median_rates(variants: dict[str, Callable[[int], None]], rounds: int, steps: int) -> dict:
     """Calls per second of each variant: medians over interleaved rounds."""
     for name, run in variants.items():  # compile and warm up
-        run(5 if name == SCAN else steps)
+        run(5 if name == SCAN_FLAX_LAYERS else steps)
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    if SCAN in variants:
+    if SCAN_FLAX_LAYERS in variants:
         start = time.perf_counter()
-        variants[SCAN](5)
-        samples[SCAN].append(5 / (time.perf_counter() - start))
+        variants[SCAN_FLAX_LAYERS](5)
+        samples[SCAN_FLAX_LAYERS].append(5 / (time.perf_counter() - start))
     for _ in range(rounds):
         for name, run in variants.items():
-            if name == SCAN:
+            if name == SCAN_FLAX_LAYERS:
                 continue
             start = time.perf_counter()
             run(steps)
@@ -69,24 +83,33 @@ def median_rates(variants: dict[str, Callable[[int], None]], rounds: int, steps:
 
 
 def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int], None]]:
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
     import throughput
 
-    from train import models
+    from train import layers, models
 
     config = throughput.default_model_config()
-    model = models.create_model(config, 10)
+    flax_layers_config = config.copy_and_resolve_references()
+    flax_layers_config.fast_layers = False
     images, targets = jnp.asarray(batch), jnp.asarray(labels)
     optimizer = optax.adam(1e-3)
-    initial_state = throughput.jax_initial_state(model, optimizer, batch)
-    params, batch_stats, opt_state = initial_state
-    loss = throughput.jax_loss(model)
-    train_step = throughput.jax_train_step(model, optimizer)
-    step = lambda state: train_step(state, images, targets)
+    rng = np.random.default_rng(1)
+    random = lambda shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
-    def repeat(count):
+    def network(model_config):
+        model = models.create_model(model_config, 10)
+        train_step = throughput.jax_train_step(model, optimizer)
+        state = throughput.jax_initial_state(model, optimizer, batch)
+        return throughput.jax_loss(model), (lambda state: train_step(state, images, targets)), state
+
+    loss, step, initial_state = network(config)
+    _, flax_layers_step, flax_layers_state = network(flax_layers_config)
+    params, batch_stats, opt_state = initial_state
+
+    def repeat(step, count):
         def steps(state):
             for _ in range(count):
                 state = step(state)
@@ -94,36 +117,38 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
 
         return steps
 
-    def scan(count):
+    def scan(step, count):
         return lambda state: jax.lax.scan(lambda s, _: (step(s), None), state, None, count)[0]
 
-    def conv_stack(nchw: bool):
-        kernels = [params[f"conv{i}"]["kernel"] for i in range(1, 6)]
-        biases = [params[f"conv{i}"]["bias"] for i in range(1, 6)]
-        x = jnp.transpose(images, (0, 3, 1, 2)) if nchw else images
+    def timed(function, *args):
+        compiled = jax.jit(function)
+        return lambda count: [jax.block_until_ready(compiled(*args)) for _ in range(count)]
+
+    def convolutions(conv, nchw: bool = False):
+        inputs = [random((len(batch), *shape)) for shape, _ in CONV_SHAPES]
+        kernels = [random(shape) * 0.1 for _, shape in CONV_SHAPES]
+        if nchw:
+            inputs = [jnp.transpose(x, (0, 3, 1, 2)) for x in inputs]
         numbers = ("NCHW", "HWIO", "NCHW") if nchw else ("NHWC", "HWIO", "NHWC")
-        bias_shape = (1, -1, 1, 1) if nchw else (1, 1, 1, -1)
 
-        def forward(kernels, x):
-            total = 0.0
-            for index, (kernel, bias) in enumerate(zip(kernels, biases)):
-                x = jax.lax.conv_general_dilated(
-                    x, kernel, (1, 1), "SAME", dimension_numbers=numbers
-                )
-                x = jax.nn.relu(x + bias.reshape(bias_shape))
-                if index < 4:  # the network's 2x2 max pools
-                    window = (1, 1, 2, 2) if nchw else (1, 2, 2, 1)
-                    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "SAME")
-                total = total + jnp.sum(x)
-            return total
+        def loss(kernels, inputs):
+            outputs = [
+                conv(x, k, (1, 1), "SAME", dimension_numbers=numbers)
+                for x, k in zip(inputs, kernels)
+            ]
+            return sum(jnp.sum(y) for y in outputs)
 
-        grad = jax.jit(jax.grad(forward, argnums=(0, 1)))
-        return lambda count: [jax.block_until_ready(grad(kernels, x)) for _ in range(count)]
+        return timed(jax.grad(loss, argnums=(0, 1)), kernels, inputs)
 
-    def donated(function, per_call: int = 1):
+    def max_pools(pool):
+        inputs = [random((len(batch), *shape)) for shape in POOL_SHAPES]
+        loss = lambda inputs: sum(jnp.sum(pool(x, (2, 2), (2, 2), "SAME")) for x in inputs)
+        return timed(jax.grad(loss), inputs)
+
+    def donated(function, state, per_call: int = 1):
         compiled = jax.jit(function, donate_argnums=0)
         # A copy per variant: donation deletes the buffers it is given.
-        holder = {"state": jax.tree.map(jnp.copy, initial_state)}
+        holder = {"state": jax.tree.map(jnp.copy, state)}
 
         def run(count):
             for _ in range(count // per_call):
@@ -132,28 +157,28 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
 
         return run
 
-    grads_fn = jax.jit(jax.grad(loss, has_aux=True))
-    forward_fn = jax.jit(loss)
     adam_fn = jax.jit(lambda grads, opt_state: optimizer.update(grads, opt_state, params))
     some_grads = jax.tree.map(jnp.ones_like, params)
     return {
-        "jax step": donated(step),
-        "jax forward+backward": lambda n: [
-            jax.block_until_ready(grads_fn(params, batch_stats, images, targets)) for _ in range(n)
-        ],
-        "jax forward": lambda n: [
-            jax.block_until_ready(forward_fn(params, batch_stats, images, targets))
-            for _ in range(n)
-        ],
-        "jax convolutions fwd+bwd NHWC": conv_stack(nchw=False),
-        "jax convolutions fwd+bwd NCHW": conv_stack(nchw=True),
+        "jax step": donated(step, initial_state),
+        "jax step flax layers": donated(flax_layers_step, flax_layers_state),
+        "jax forward+backward": timed(
+            jax.grad(loss, has_aux=True), params, batch_stats, images, targets
+        ),
+        "jax forward": timed(loss, params, batch_stats, images, targets),
+        "jax convolutions fwd+bwd fast": convolutions(layers.conv_general_dilated),
+        "jax convolutions fwd+bwd XLA NHWC": convolutions(jax.lax.conv_general_dilated),
+        "jax convolutions fwd+bwd XLA NCHW": convolutions(jax.lax.conv_general_dilated, True),
+        "jax max pools fwd+bwd fast": max_pools(layers.max_pool),
+        "jax max pools fwd+bwd flax": max_pools(nn.max_pool),
         "jax adam": lambda n: [
             jax.block_until_ready(adam_fn(some_grads, opt_state)) for _ in range(n)
         ],
-        "jax dispatch": donated(lambda state: state),
-        "jax unrolled x5 (per step)": donated(repeat(5), per_call=5),
-        # Timed once, outside the rounds: at about 15x a step it would dominate the run.
-        SCAN: donated(scan(5), per_call=5),
+        "jax dispatch": donated(lambda state: state, initial_state),
+        "jax unrolled x5 (per step)": donated(repeat(step, 5), initial_state, per_call=5),
+        "jax scan x5 (per step)": donated(scan(step, 5), initial_state, per_call=5),
+        # Timed once, outside the rounds: at many times a step it would dominate the run.
+        SCAN_FLAX_LAYERS: donated(scan(flax_layers_step, 5), flax_layers_state, per_call=5),
     }
 
 
@@ -185,16 +210,27 @@ def torch_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[in
                 for _ in range(n):
                     torch.nn.functional.cross_entropy(net(images), targets)
 
-        def conv_stack(n, convs=convs, images=images):
+        conv_inputs = [
+            torch.randn(len(batch), shape[-1], *shape[:2]).contiguous(memory_format=memory_format)
+            for shape, _ in CONV_SHAPES
+        ]
+        pool_inputs = [
+            torch.randn(len(batch), shape[-1], *shape[:2]).contiguous(memory_format=memory_format)
+            for shape in POOL_SHAPES
+        ]
+
+        def convolutions(n, convs=convs, inputs=conv_inputs):
             for _ in range(n):
-                x = images.detach().requires_grad_(True)
-                total = 0.0
-                for index, conv in enumerate(convs):
-                    x = torch.relu(conv(x))
-                    if index < 4:
-                        x = torch.nn.functional.max_pool2d(x, 2, 2, ceil_mode=True)
-                    total = total + x.sum()
-                total.backward()
+                for conv in convs:
+                    conv.zero_grad(set_to_none=True)
+                xs = [x.detach().requires_grad_(True) for x in inputs]
+                sum(conv(x).sum() for conv, x in zip(convs, xs)).backward()
+
+        def max_pools(n, inputs=pool_inputs):
+            for _ in range(n):
+                xs = [x.detach().requires_grad_(True) for x in inputs]
+                pool = torch.nn.functional.max_pool2d
+                sum(pool(x, 2, 2, ceil_mode=True).sum() for x in xs).backward()
 
         def adam(n, net=net, optimizer=setup.optimizer):
             for parameter in net.parameters():
@@ -207,7 +243,8 @@ def torch_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[in
                 f"torch step {layout}": functools.partial(throughput.torch_train_steps, setup),
                 f"torch forward+backward {layout}": forward_backward,
                 f"torch forward {layout}": forward,
-                f"torch convolutions fwd+bwd {layout}": conv_stack,
+                f"torch convolutions fwd+bwd {layout}": convolutions,
+                f"torch max pools fwd+bwd {layout}": max_pools,
                 f"torch adam {layout}": adam,
             }
         )
@@ -222,7 +259,7 @@ def breakdown(args: argparse.Namespace) -> None:
     rates = median_rates(variants, args.rounds, args.steps)
     step = rates["jax step"]
     print(header(args))
-    print("| part | ms per call (median) | share of a jax step |")
+    print("| part | ms per call (median) | share of a jax step (fast layers) |")
     print("|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {1e3 / rate:.2f} | {step / rate:.2f} |")
@@ -276,10 +313,11 @@ def xla_flags(args: argparse.Namespace) -> None:
 
 def header(args: argparse.Namespace) -> str:
     import jax
+    import throughput
 
     return (
-        f"# {datetime.date.today()} {platform.node()} {platform.machine()} "
-        f"{os.cpu_count()} CPUs jax={jax.__version__} batch={args.batch} "
+        f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC {throughput.cpu_model()} "
+        f"({os.cpu_count()} CPUs) jax={jax.__version__} batch={args.batch} "
         f"rounds={args.rounds}x{args.steps}"
     )
 
@@ -291,6 +329,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    if args.steps % 5:
+        parser.error("--steps must be a multiple of 5 (the x5 variants run 5 steps per call)")
     {"breakdown": breakdown, "xla-flags": xla_flags, "child": measure_in_subprocess}[args.mode](
         args
     )

@@ -1,6 +1,7 @@
 """Train-step throughput of the document's network: jbn vs flax.linen.BatchNorm vs PyTorch.
 
-    python benchmarks/throughput.py [--batch 128] [--image 32,32,3] [--rounds 7] [--steps 10]
+    python benchmarks/throughput.py [--batch 128] [--image 32,32,3] [--rounds 7] [--steps 8]
+        [--scan 4] [--compile-rounds 3]
 
 Every variant trains the same network (train/models.py: five 3x3 convs with BN + ReLU, Adam,
 softmax cross-entropy) on the same random batch, and the variants are interleaved: each round
@@ -8,14 +9,21 @@ runs `--steps` steps of every variant in turn, so load changes on a shared machi
 them alike. The table reports the median over rounds of images/s and ratios to `jbn`.
 
 JAX variants:
-* jbn: `jbn.BatchNorm` (the default config's network), one jitted step per dispatch, the train
-  state donated so XLA updates it in place;
-* flax: the same network with `flax.linen.BatchNorm(use_fast_variance=True)` (flax's default);
-* jbn-scan (with `--scan N`): `jbn` with N steps fused into one dispatch by `lax.scan`;
+* jbn: `jbn.BatchNorm` (the default config's network, with the convolutions and max pools of
+  train/layers.py), one jitted step per dispatch, the train state donated so XLA updates it in
+  place;
+* jbn-flax-layers: `jbn` with flax's own convolutions and max pools (`model.fast_layers=False`);
+* flax: the default network with `flax.linen.BatchNorm(use_fast_variance=True)` (flax's
+  default) in place of `jbn.BatchNorm`;
+* jbn-scan (with `--scan N`, N > 1): `jbn` with N steps fused into one dispatch by `lax.scan`;
 * jbn-no-donate: `jbn` without buffer donation;
 * no-bn: the network without batch norm (what BN costs).
 PyTorch variants (if torch is installed, `pip install 'jbn[torch]'`): NCHW and channels_last,
 `torch.nn.BatchNorm2d(momentum=1 - decay, eps=epsilon)`.
+
+A second table gives the time to trace and compile the train step of `jbn`, `flax` and
+`jbn-flax-layers`, interleaved over `--compile-rounds` rounds (each a fresh model and `jit`, so
+no cache is hit; the persistent compilation cache is off), medians and ratios to `flax`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import datetime
 import functools
 import importlib.util
+import os
 import pathlib
 import platform
 import time
@@ -113,6 +122,19 @@ def jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 
     return run
 
 
+def compile_seconds(model_config, batch, labels) -> tuple[float, float]:
+    """(trace + lower, XLA compile) seconds of a fresh donated train step of this network."""
+    model = models.create_model(model_config, num_classes=10)
+    optimizer = optax.adam(1e-3)
+    state = jax_initial_state(model, optimizer, batch)
+    step = jax.jit(jax_train_step(model, optimizer), donate_argnums=(0,))
+    start = time.perf_counter()
+    lowered = step.lower(state, jnp.asarray(batch), jnp.asarray(labels))
+    traced = time.perf_counter()
+    lowered.compile()
+    return traced - start, time.perf_counter() - traced
+
+
 def torch_network(model_config, channels: int):
     """The document's network in PyTorch (NCHW modules), BN as `torch.nn.BatchNorm2d`."""
     import torch
@@ -190,17 +212,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image", default="32,32,3", help="H,W,C (the document: CIFAR-10)")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--steps", type=int, default=8, help="steps per variant per round")
     parser.add_argument(
         "--scan",
         type=int,
-        default=0,
-        help="steps per dispatch for a jbn-scan variant (0: none; about 15x slower per step on "
-        "XLA:CPU, so it lengthens the run many times)",
+        default=4,
+        help="steps per dispatch of the jbn-scan variant (0 or 1: no such variant)",
+    )
+    parser.add_argument(
+        "--compile-rounds", type=int, default=3, help="rounds of the compile-time table (0: none)"
     )
     args = parser.parse_args()
-    if args.scan and args.steps % args.scan:
+    scan = args.scan if args.scan > 1 else 0
+    if scan and args.steps % scan:
         parser.error("--steps must be a multiple of --scan")
+    # Compile times must not come from a cache on disk.
+    jax.config.update("jax_enable_compilation_cache", False)
 
     rng = np.random.default_rng(0)
     shape = (args.batch, *(int(s) for s in args.image.split(",")))
@@ -210,13 +237,16 @@ def main() -> None:
     config = default_model_config()
     flax_config = config.copy_and_resolve_references()
     flax_config.batch_norm_impl = "flax"
+    flax_layers_config = config.copy_and_resolve_references()
+    flax_layers_config.fast_layers = False
     no_bn_config = config.copy_and_resolve_references()
     no_bn_config.use_batch_norm = False
     variant = functools.partial(jax_variant, batch=batch, labels=labels)
     variants: dict[str, Callable] = {
         "jbn": variant(config, donate=True),
+        "jbn-flax-layers": variant(flax_layers_config, donate=True),
         "flax": variant(flax_config, donate=True),
-        **({"jbn-scan": variant(config, donate=True, scan_steps=args.scan)} if args.scan else {}),
+        **({f"jbn-scan{scan}": variant(config, donate=True, scan_steps=scan)} if scan else {}),
         "jbn-no-donate": variant(config, donate=False),
         "no-bn": variant(no_bn_config, donate=True),
         **_torch_variants(config, batch, labels),
@@ -231,8 +261,9 @@ def main() -> None:
             samples[name].append(args.batch * args.steps / (time.perf_counter() - start))
 
     print(
-        f"# {datetime.date.today()} {platform.node()} {platform.machine()} "
-        f"jax={jax.__version__} batch={args.batch} image={args.image} "
+        f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC "
+        f"{cpu_model()} ({os.cpu_count()} CPUs) jax={jax.__version__} "
+        f"torch={_torch_version()} batch={args.batch} image={args.image} "
         f"rounds={args.rounds}x{args.steps} steps"
     )
     print("| variant | images/s (median) | vs jbn |")
@@ -241,6 +272,51 @@ def main() -> None:
     for name, values in samples.items():
         median = float(np.median(values))
         print(f"| {name} | {median:.0f} | {median / reference:.2f} |")
+    if args.compile_rounds > 0:
+        print_compile_times(
+            {"jbn": config, "flax": flax_config, "jbn-flax-layers": flax_layers_config},
+            batch,
+            labels,
+            args.compile_rounds,
+        )
+
+
+def print_compile_times(configs: dict, batch, labels, rounds: int) -> None:
+    """Median trace and compile seconds per network over interleaved rounds, vs `flax`."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, model_config in configs.items():
+            samples[name].append(compile_seconds(model_config, batch, labels))
+    medians = {name: np.median(np.asarray(values), axis=0) for name, values in samples.items()}
+    reference = medians["flax"]
+    print()
+    print(f"Train-step compile time, medians of {rounds} interleaved rounds:")
+    print("| network | trace+lower s | compile s | compile vs flax | total vs flax |")
+    print("|---|---|---|---|---|")
+    for name, (trace, compile_) in medians.items():
+        print(
+            f"| {name} | {trace:.2f} | {compile_:.2f} | {compile_ / reference[1]:.2f} | "
+            f"{(trace + compile_) / reference.sum():.2f} |"
+        )
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` reports it (Linux), else the platform's guess."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "none"
+    return torch.__version__
 
 
 if __name__ == "__main__":

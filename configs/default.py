@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"
     # 'jbn' or 'flax' (flax.linen.BatchNorm, the comparison network of the benchmarks).
     model.batch_norm_impl = "jbn"
+    # Convolutions and max pools with faster derivatives on CPU, same values and gradients
+    # (train/layers.py); False: flax's own layers, for comparison.
+    model.fast_layers = True
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
     optimizer.name = "adam"  # 'adam' | 'adamw' | 'sgd'

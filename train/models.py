@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import jbn
+from train import layers
 
 # jbn.BatchNorm arguments that batch_norm_impl='flax' maps onto flax.linen.BatchNorm.
 _FLAX_SUPPORTED = ("decay", "epsilon", "center", "scale")
@@ -50,6 +51,8 @@ class ConvNet(nn.Module):
       batch_norm_impl: 'jbn' (jbn.BatchNorm) or 'flax' (flax.linen.BatchNorm with its default
         one-pass variance and the same decay, epsilon, center, scale and axis_name), the
         comparison network for benchmarks; 'flax' supports only those arguments.
+      fast_layers: convolutions and max pools from `train/layers.py`, with the same values and
+        gradients as flax's but derivatives that run faster on XLA:CPU; False: flax's own.
     """
 
     num_classes: int
@@ -60,6 +63,7 @@ class ConvNet(nn.Module):
     relu_on_logits: bool = True
     dtype: Any = jnp.float32
     batch_norm_impl: str = "jbn"
+    fast_layers: bool = True
 
     def _batch_norm(self, name: str) -> nn.Module:
         kwargs = dict(self.batch_norm_kwargs or {})
@@ -93,6 +97,8 @@ class ConvNet(nn.Module):
         """
         x = images.astype(self.dtype)
         all_features = (*self.features, self.num_classes)
+        conv = layers.conv_general_dilated if self.fast_layers else None  # None: lax's
+        max_pool = layers.max_pool if self.fast_layers else nn.max_pool
         for index, num_filters in enumerate(all_features):
             is_last = index == len(all_features) - 1
             x = nn.Conv(
@@ -101,6 +107,7 @@ class ConvNet(nn.Module):
                 padding="SAME",
                 use_bias=True,
                 dtype=self.dtype,
+                conv_general_dilated=conv,
                 name=f"conv{index + 1}",
             )(x)
             if self.use_batch_norm:
@@ -112,7 +119,7 @@ class ConvNet(nn.Module):
             if not is_last or self.relu_on_logits:
                 x = nn.relu(x)
             if not is_last:
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+                x = max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
         # TF's SAME average pool divides by the number of real (unpadded) inputs in the window;
         # flax's default counts the padding, which would divide a 2x2 map by 16 instead of 4.
         x = nn.avg_pool(
@@ -168,4 +175,5 @@ def create_model(
         relu_on_logits=model_config.relu_on_logits,
         dtype=jnp.dtype(model_config.dtype),
         batch_norm_impl=model_config.get("batch_norm_impl", "jbn"),
+        fast_layers=model_config.get("fast_layers", True),
     )
