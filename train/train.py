@@ -364,11 +364,15 @@ class DeviceLayout:
                 donate_argnums=donate,
             )
         if per_device:
+            # check_vma=False: the step is written as for pmap (its gradients are local and it
+            # pmeans them itself). With the check, JAX would already sum the gradient of the
+            # replicated parameters over the devices, and the pmean would keep that sum.
             step = jax.shard_map(
                 functools.partial(step, axis_name=AXIS_NAME),
                 mesh=self.mesh,
                 in_specs=(P(), P(AXIS_NAME)),
                 out_specs=P(),
+                check_vma=False,
             )
         return jax.jit(
             step,
