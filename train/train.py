@@ -274,9 +274,9 @@ class DeviceLayout:
     def mesh(self) -> Mesh:
         """The 'sharding' layout's mesh: every device of every process, one axis AXIS_NAME.
 
-        Auto axes: with in/out shardings given, XLA's propagation partitions the model (explicit
-        axes would need a sharding rule for every op of the network; tests/multidevice checks
-        jbn under both).
+        Auto axes: the step's in/out shardings are given and XLA's sharding propagation
+        partitions everything in between (tests/multidevice checks jbn on Auto and Explicit
+        meshes alike).
         """
         devices = jax.devices() if self.num_processes > 1 else self.local_devices
         return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
