@@ -174,7 +174,8 @@ def test_sharding_and_pmap_on_four_devices(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        # Several minutes idle; generous, as a loaded machine is many times slower.
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])
