@@ -184,9 +184,12 @@ def multi_device(epochs: int, out: pathlib.Path) -> tuple[dict, dict]:
     jax.config.update("jax_num_cpu_devices", NUM_SIMULATED_DEVICES)  # before any computation
     runs = {
         "1 device": {"num_devices": 1},
-        "4 devices, synchronized": {"num_devices": NUM_SIMULATED_DEVICES},
+        # pmap, as when README's results were measured (benchmarks/parallelism.py compares
+        # it with the sharding layout).
+        "4 devices, synchronized": {"num_devices": NUM_SIMULATED_DEVICES, "parallelism": "pmap"},
         "4 devices, per-device statistics": {
             "num_devices": NUM_SIMULATED_DEVICES,
+            "parallelism": "pmap",
             "model.sync_batch_stats": False,
         },
     }
@@ -227,10 +230,9 @@ def sync_cost(config: ml_collections.ConfigDict, rounds: int = 7, steps: int = 1
         variant_config = config.copy_and_resolve_references()
         variant_config.num_devices = devices
         variant_config.model.sync_batch_stats = sync
+        variant_config.parallelism = "pmap"
         layout = train.device_layout(variant_config)
-        model = models.create_model(
-            variant_config.model, 10, axis_name=train.AXIS_NAME if layout.parallel else None
-        )
+        model = models.create_model(variant_config.model, 10, axis_name=layout.model_axis_name)
         state = train.create_train_state(jax.random.key(0), model, image_shape, optax.adam(1e-3))
         variants[name] = (
             layout.compile(train.train_step, donate_state=True),

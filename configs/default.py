@@ -70,8 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 2
     config.num_train_steps = -1  # > 0: stop (and evaluate) after this many steps instead
 
-    # Devices: 1 = one device, no pmap; -1 = pmap over all local devices; n = the first n.
+    # Devices: 1 = one device; -1 = all local devices (of every process); n = the first n.
     config.num_devices = 1
+    # With several devices: 'sharding' (one jax.jit over a mesh of all devices, batch sharded)
+    # or 'pmap'. Both train to the same numbers; checkpoints move between them.
+    config.parallelism = "sharding"
     # >0: ask XLA for this many CPU devices (simulated data parallelism on a CPU-only host).
     config.num_cpu_devices = 0
 

@@ -1,4 +1,4 @@
-"""Data parallelism: pmap over 4 simulated CPU devices, and two processes on loopback.
+"""Data parallelism (sharding and pmap) over 4 simulated CPU devices, and two processes.
 
 The 4-device checks run in a subprocess (this file run as a script) whose XLA_FLAGS ask for 4
 host devices before JAX starts; it prints its measurements as JSON, asserted on here.
@@ -14,6 +14,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 import train_testing
 
 from configs import smoke
@@ -37,8 +38,13 @@ def _within_round_off(a, b) -> bool:
     )
 
 
+def _replica_mean(tree):
+    """The mean over the leading (device) axis of a pmap-replicated pytree."""
+    return jax.tree.map(lambda x: np.mean(np.asarray(x, np.float64), axis=0), tree)
+
+
 def measure_on_four_devices() -> dict:
-    """Runs in the subprocess: three pmap steps against one device, then the whole loop."""
+    """Runs in the subprocess: three steps per layout against one device, then the loop."""
     assert jax.local_device_count() == NUM_DEVICES, jax.local_devices()
     config = smoke.get_config()
     config.progress_bar = False
@@ -49,44 +55,66 @@ def measure_on_four_devices() -> dict:
     config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.1
     dataset = input_pipeline.load_dataset(config.dataset)
     batches = list(itertools.islice(input_pipeline.train_batches(dataset, 128, seed=0, epoch=0), 3))
-    one = train_lib.DeviceLayout(False, (jax.local_devices()[0],), 1, 0)
-    four = train_lib.DeviceLayout(True, tuple(jax.local_devices()), 1, 0)
+    devices = tuple(jax.local_devices())
+    one = train_lib.DeviceLayout(None, devices[:1], 1, 0)
+    pmap = train_lib.DeviceLayout("pmap", devices, 1, 0)
+    sharding = train_lib.DeviceLayout("sharding", devices, 1, 0)
 
     def three_steps(layout, sync_batch_stats):
         config.model.sync_batch_stats = sync_batch_stats
-        axis_name = train_lib.AXIS_NAME if layout.parallel else None
-        model = models.create_model(config.model, dataset.num_classes, axis_name=axis_name)
+        model = models.create_model(
+            config.model, dataset.num_classes, axis_name=layout.model_axis_name
+        )
         schedule = train_lib.create_learning_rate_schedule(config.optimizer, 4, 8)
         tx = train_lib.create_optimizer(config.optimizer, schedule)
         state = train_lib.create_train_state(jax.random.key(0), model, (16, 16, 3), tx)
         state = layout.replicate(state)
-        step = layout.compile(train_lib.train_step, donate_state=False)
+        per_device = layout.parallelism == "sharding" and not sync_batch_stats
+        step = layout.compile(
+            train_lib.train_step_averaging_statistics if per_device else train_lib.train_step,
+            donate_state=False,
+            per_device=per_device,
+        )
         for batch in batches:
             state, _ = step(state, layout.shard(batch))
-        if layout.parallel:  # every replica's state, to check that they agree
+        if layout.parallelism == "pmap":  # every replica's state, to check that they agree
             replicas = [jax.tree.map(lambda x, i=i: x[i], state) for i in range(NUM_DEVICES)]
-            agree = all(_max_abs_difference(replicas[0], r) == 0 for r in replicas)
-        else:
-            agree = True
-        state = layout.unreplicate(state)
-        return {"params": state.params, "batch_stats": state.batch_stats}, agree
+            agree = all(_max_abs_difference(replicas[0].params, r.params) == 0 for r in replicas)
+            batch_stats = _replica_mean(state.batch_stats)
+        else:  # one global array per leaf: replicated by construction
+            agree = layout.parallelism is None or all(
+                leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state)
+            )
+            batch_stats = state.batch_stats
+        params = layout.unreplicate(state).params
+        return {"params": params, "batch_stats": jax.device_get(batch_stats)}, agree
 
     reference, _ = three_steps(one, sync_batch_stats=True)
-    synced, synced_replicas_agree = three_steps(four, sync_batch_stats=True)
-    unsynced, _ = three_steps(four, sync_batch_stats=False)
-    results = {
-        "synced_params_close": _within_round_off(reference["params"], synced["params"]),
-        "synced_stats_close": _within_round_off(reference["batch_stats"], synced["batch_stats"]),
-        "synced_max_difference": _max_abs_difference(reference, synced),
-        "synced_replicas_agree": synced_replicas_agree,
-        "unsynced_params_close": _within_round_off(reference["params"], unsynced["params"]),
-        "unsynced_stats_close": _within_round_off(
-            reference["batch_stats"], unsynced["batch_stats"]
-        ),
-    }
+    results = {}
+    for name, layout in (("pmap", pmap), ("sharding", sharding)):
+        synced, synced_agree = three_steps(layout, sync_batch_stats=True)
+        unsynced, _ = three_steps(layout, sync_batch_stats=False)
+        results[name] = {
+            "synced_params_close": _within_round_off(reference["params"], synced["params"]),
+            "synced_stats_close": _within_round_off(
+                reference["batch_stats"], synced["batch_stats"]
+            ),
+            "synced_max_difference": _max_abs_difference(reference, synced),
+            "synced_replicas_agree": synced_agree,
+            "unsynced_params_close": _within_round_off(reference["params"], unsynced["params"]),
+            "unsynced_stats_close": _within_round_off(
+                reference["batch_stats"], unsynced["batch_stats"]
+            ),
+            "unsynced": unsynced,
+        }
+    # Per-device statistics: both layouts compute the same thing (the moving averages averaged
+    # over the devices: at every step under sharding, at the end under pmap).
+    unsynced_pmap, unsynced_sharding = (results[k].pop("unsynced") for k in ("pmap", "sharding"))
+    results["unsynced_layouts_close"] = _within_round_off(unsynced_pmap, unsynced_sharding)
 
-    # The whole loop on 4 devices: 2 epochs of 4 steps, then the same stopped after step 3
-    # and resumed, then without synchronized statistics.
+    # The whole loop on 4 devices (sharding, the default): 2 epochs of 4 steps, then the same
+    # stopped after step 3 and resumed, then without synchronized statistics. Then a run that
+    # moves between layouts at every checkpoint: 1 device, sharding, pmap, 1 device.
     config.num_devices, config.model.sync_batch_stats = -1, True
     with tempfile.TemporaryDirectory() as workdir:
         full = train_lib.train_and_evaluate(config, os.path.join(workdir, "full"))
@@ -97,6 +125,21 @@ def measure_on_four_devices() -> dict:
         config.stop_after_steps = None
         config.model.sync_batch_stats = False
         unsynced_run = train_lib.train_and_evaluate(config, os.path.join(workdir, "unsynced"))
+        config.model.sync_batch_stats = True
+
+        config.num_devices = 1
+        one_device = train_lib.train_and_evaluate(config, os.path.join(workdir, "one"))
+        travel_dir = os.path.join(workdir, "travel")
+        legs = [(1, "sharding", 2), (-1, "sharding", 4), (-1, "pmap", 6), (1, "pmap", None)]
+        travelled = []
+        for num_devices, parallelism, stop in legs:
+            config.num_devices, config.parallelism, config.stop_after_steps = (
+                num_devices,
+                parallelism,
+                stop,
+            )
+            leg = train_lib.train_and_evaluate(config, travel_dir)
+            travelled.append((int(leg.state.step), leg.summary and leg.summary["devices"]))
     results.update(
         loop_devices=full.summary["devices"],
         loop_steps=full.summary["steps"],
@@ -106,11 +149,19 @@ def measure_on_four_devices() -> dict:
         loop_resumed_from=resumed.summary["resumed_from_step"],
         loop_resume_equal=resumed.summary["state_sha256"] == full.summary["state_sha256"],
         unsynced_loop_test_loss=unsynced_run.summary["test_loss"],
+        travel_steps=travelled,
+        travel_resumed_from=leg.summary["resumed_from_step"],
+        travel_close_to_one_device=_within_round_off(
+            {"params": one_device.state.params, "stats": one_device.state.batch_stats},
+            {"params": leg.state.params, "stats": leg.state.batch_stats},
+        ),
+        travel_max_difference=_max_abs_difference(one_device.state.params, leg.state.params),
+        travel_test_loss_difference=abs(one_device.summary["test_loss"] - leg.summary["test_loss"]),
     )
     return results
 
 
-def test_pmap_on_four_devices(tmp_path_factory):
+def test_sharding_and_pmap_on_four_devices(tmp_path_factory):
     cache_dir = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     env = train_testing.fast_jax_env(
         cache_dir,
@@ -123,18 +174,21 @@ def test_pmap_on_four_devices(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        # Several minutes idle; generous, as a loaded machine is many times slower.
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])
 
-    # Synchronized BN: 4 x 32 is one device with 128, to float32 round-off.
-    assert measured["synced_params_close"], measured
-    assert measured["synced_stats_close"], measured
-    assert measured["synced_replicas_agree"]
-    # Per-device statistics are a different computation: the check can tell them apart.
-    assert not measured["unsynced_params_close"]
-    assert not measured["unsynced_stats_close"]
+    for layout in ("pmap", "sharding"):
+        # Synchronized BN: 4 x 32 is one device with 128, to float32 round-off.
+        assert measured[layout]["synced_params_close"], measured
+        assert measured[layout]["synced_stats_close"], measured
+        assert measured[layout]["synced_replicas_agree"]
+        # Per-device statistics are a different computation: the check can tell them apart.
+        assert not measured[layout]["unsynced_params_close"]
+        assert not measured[layout]["unsynced_stats_close"]
+    assert measured["unsynced_layouts_close"]
 
     assert measured["loop_devices"] == NUM_DEVICES and measured["loop_steps"] == 8
     assert measured["loop_test_examples"] == 200  # the padded last eval batch is masked
@@ -143,8 +197,15 @@ def test_pmap_on_four_devices(tmp_path_factory):
     assert measured["loop_resume_equal"]
     assert np.isfinite(measured["unsynced_loop_test_loss"])
 
+    # 1 device -> sharding on 4 -> pmap on 4 -> 1 device, one checkpoint each: the same run.
+    assert measured["travel_steps"] == [[2, None], [4, None], [6, None], [8, 1]]
+    assert measured["travel_resumed_from"] == 6
+    assert measured["travel_close_to_one_device"], measured
+    assert measured["travel_test_loss_difference"] < 1e-3
 
-def test_two_processes_on_loopback_agree(tmp_path, tmp_path_factory):
+
+@pytest.mark.parametrize("parallelism", train_lib.PARALLELISMS)
+def test_two_processes_on_loopback_agree(parallelism, tmp_path, tmp_path_factory):
     """jax.distributed over loopback (Gloo collectives on CPU): both processes end equal."""
     cache_dir = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     result = subprocess.run(
@@ -154,6 +215,7 @@ def test_two_processes_on_loopback_agree(tmp_path, tmp_path_factory):
             "train.multihost_demo",
             f"--workdir={tmp_path}",
             "--config.num_train_steps=4",
+            f"--config.parallelism={parallelism}",
         ],
         cwd=train_testing.REPO,
         env=train_testing.fast_jax_env(cache_dir),

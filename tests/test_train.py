@@ -308,7 +308,7 @@ def test_learning_rate_schedules():
 
 def fake_layout(num_devices: int) -> train_lib.DeviceLayout:
     device = jax.devices()[0]  # only counted
-    return train_lib.DeviceLayout(True, (device,) * num_devices, 1, 0)
+    return train_lib.DeviceLayout("sharding", (device,) * num_devices, 1, 0)
 
 
 @pytest.mark.parametrize(

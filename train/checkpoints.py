@@ -49,6 +49,7 @@ RUN_CONTROL_FIELDS = frozenset(
         # batch norm the device count does not change the math.
         "num_devices",
         "num_cpu_devices",
+        "parallelism",
         "dataset.source",
         "dataset.data_dir",
         "dataset.tfds_data_dir",

@@ -4,11 +4,13 @@
         [--config configs/smoke.py] [--config.num_train_steps=8 ...]
 
 Starts `python -m train` once per process with --coordinator_address=127.0.0.1:<free port>,
---num_processes and --process_id, each process with one CPU device, so that pmap spans the
-processes and its collectives (gradient means, synchronized batch norm statistics) cross them
-through Gloo over TCP. Every process reports the SHA-256 of its final parameters and batch
-statistics; the demo exits 0 if all processes finished and agree, 1 otherwise. Arguments other
-than --num_processes are passed on to every process (--config defaults to configs/smoke.py).
+--num_processes and --process_id, each process with one CPU device, so that the device layout
+spans the processes (`--config.parallelism=sharding`, the default: one jit over a mesh of both
+processes' devices; or `pmap`) and its collectives (gradient means, synchronized batch norm
+statistics) cross them through Gloo over TCP. Every process reports the SHA-256 of its final
+parameters and batch statistics; the demo exits 0 if all processes finished and agree, 1
+otherwise. Arguments other than --num_processes are passed on to every process (--config
+defaults to configs/smoke.py).
 """
 
 from __future__ import annotations

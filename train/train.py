@@ -2,9 +2,11 @@
 
 Structure (as flax's examples/imagenet): `train_step` and `eval_step` are pure functions of
 (state, batch); `DeviceLayout` decides between one device (jit) and data parallelism over
-devices (pmap, gradients averaged with `lax.pmean`, batch norm statistics synchronized through
-the pmap axis); `train_and_evaluate` runs the epochs, evaluates on the whole test set after each
-and checkpoints, resuming from the latest checkpoint of its workdir.
+devices, either one `jit` over a device mesh with the batch sharded (XLA inserts the
+collectives, and batch norm sees the global batch) or `pmap` (gradients averaged with
+`lax.pmean`, batch norm statistics synchronized through the pmap axis); `train_and_evaluate`
+runs the epochs, evaluates on the whole test set after each and checkpoints, resuming from the
+latest checkpoint of its workdir.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from flax import jax_utils
 from flax.training import train_state
 from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train import checkpoints, input_pipeline, metrics, models
 
-# Name of the pmap axis: gradients are averaged and batch statistics synchronized over it.
+# Name of the device axis (pmap's axis, the mesh's axis): pmap and shard_map average gradients
+# and synchronize batch statistics over it.
 AXIS_NAME = "batch"
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -205,22 +209,55 @@ def mean_float_leaves(tree: Any, axis_name: str) -> Any:
     )
 
 
+def train_step_averaging_statistics(
+    state: TrainState, batch: Mapping[str, jax.Array], axis_name: str
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`train_step` with per-device batch statistics whose moving averages are then averaged.
+
+    For the sharding layout with `model.sync_batch_stats=False`, run per device under shard_map:
+    each device normalizes its own shard, and the devices' moving averages are averaged after
+    every step, so the state stays replicated. The pmap layout instead keeps one moving average
+    per device and averages them only when one copy is needed (evaluation, checkpoint). The two
+    agree because the update is linear in the batch statistics, which training never reads
+    back, except with renorm (its correction uses the moving statistics).
+    """
+    state, step_metrics = train_step(state, batch, axis_name=axis_name)
+    return state.replace(batch_stats=mean_float_leaves(state.batch_stats, axis_name)), step_metrics
+
+
 # ----------------------------------------------------------------------------- devices
+
+# config.parallelism: how a run with more than one device spreads the work.
+PARALLELISMS = ("sharding", "pmap")
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceLayout:
     """How batches and state are spread over devices.
 
-    parallel=False: one device, `jit`, host batches used as they are. parallel=True: `pmap`
-    over `local_devices` of each of `num_processes` processes; each process takes its slice of
-    the global batch and reshapes it to (local devices, per-device batch, ...).
+    parallelism=None: one device, `jit`, host batches used as they are.
+
+    'sharding' (the default with several devices): one `jax.jit` over a `Mesh` of the devices
+    of all `num_processes` processes (axis AXIS_NAME), the state replicated, the global batch
+    sharded along its leading axis. Each process contributes its slice of every global batch
+    (`jax.make_array_from_process_local_data`). XLA inserts the collectives: gradients, metrics
+    and batch statistics are those of the global batch with `axis_name=None` in the model.
+    Per-device batch statistics need explicit collectives, so that step runs under
+    `jax.shard_map` (`compile(..., per_device=True)`).
+
+    'pmap': `pmap` over `local_devices` of each process; each process reshapes its slice of the
+    global batch to (local devices, per-device batch, ...), and the model and steps reduce over
+    the pmap axis AXIS_NAME explicitly.
     """
 
-    parallel: bool
+    parallelism: str | None
     local_devices: tuple[jax.Device, ...]
     num_processes: int
     process_index: int
+
+    @property
+    def parallel(self) -> bool:
+        return self.parallelism is not None
 
     @property
     def num_devices(self) -> int:
@@ -230,37 +267,119 @@ class DeviceLayout:
     def is_primary(self) -> bool:
         return self.process_index == 0
 
-    def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.parallel:
+    @property
+    def model_axis_name(self) -> str | None:
+        """The axis name the model's batch norm reduces over: only pmap names one."""
+        return AXIS_NAME if self.parallelism == "pmap" else None
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """The 'sharding' layout's mesh: every device of every process, one axis AXIS_NAME.
+
+        Auto axes: the step's in/out shardings are given and XLA's sharding propagation
+        partitions everything in between (tests/multidevice checks jbn on Auto and Explicit
+        meshes alike).
+        """
+        devices = jax.devices() if self.num_processes > 1 else self.local_devices
+        return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
+
+    @property
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def _batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(AXIS_NAME))
+
+    def _process_slice(self, x: np.ndarray) -> np.ndarray:
+        """This process's contiguous share of a global batch."""
+        per_process = x.shape[0] // self.num_processes
+        start = self.process_index * per_process
+        return x[start : start + per_process]
+
+    def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """A global host batch (the same in every process) laid out for the compiled steps."""
+        if self.parallelism is None:
             return dict(batch)
+        if self.parallelism == "sharding":
+            return {
+                name: jax.make_array_from_process_local_data(
+                    self._batch_sharding, self._process_slice(np.asarray(x)), np.shape(x)
+                )
+                for name, x in batch.items()
+            }
         local_count = len(self.local_devices)
 
         def local_shards(x: np.ndarray) -> np.ndarray:
-            per_process = x.shape[0] // self.num_processes
-            start = self.process_index * per_process
-            x = x[start : start + per_process]
-            return x.reshape((local_count, per_process // local_count, *x.shape[1:]))
+            x = self._process_slice(x)
+            return x.reshape((local_count, x.shape[0] // local_count, *x.shape[1:]))
 
         return {name: local_shards(np.asarray(x)) for name, x in batch.items()}
 
     def replicate(self, tree: Any) -> Any:
-        return jax_utils.replicate(tree, devices=self.local_devices) if self.parallel else tree
+        """A host pytree (the same in every process) copied to every device."""
+        if self.parallelism is None:
+            return tree
+        if self.parallelism == "sharding":
+            sharding = self._replicated
+        else:  # pmap: a leading axis of one copy per local device, as flax.jax_utils.replicate
+            local_count = len(self.local_devices)
+            tree = jax.tree.map(lambda x: np.broadcast_to(x, (local_count, *np.shape(x))), tree)
+            sharding = NamedSharding(Mesh(np.asarray(self.local_devices), ("local",)), P("local"))
+
+        def put(x: Any) -> jax.Array:
+            x = np.asarray(x)  # works in every process, for devices it cannot address too
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
+
+    def local_copy(self, tree: Any) -> Any:
+        """One replica of a replicated pytree, on a device of this process (no host copy)."""
+        if self.parallelism == "pmap":
+            return jax.tree.map(lambda x: x[0], tree)
+        if self.parallelism == "sharding":
+            return jax.tree.map(lambda x: x.addressable_data(0), tree)
+        return tree
 
     def unreplicate(self, tree: Any) -> Any:
         """One host copy (of the first local device's replica)."""
-        if self.parallel:
-            tree = jax.tree.map(lambda x: x[0], tree)
-        return jax.device_get(tree)
+        return jax.device_get(self.local_copy(tree))
 
-    def compile(self, step: Callable[..., Any], donate_state: bool) -> Callable[..., Any]:
-        """jit or pmap a `step(state, ..., axis_name=)` function."""
+    def compile(
+        self, step: Callable[..., Any], donate_state: bool, per_device: bool = False
+    ) -> Callable[..., Any]:
+        """Compiles a `step(state, batch, axis_name=)` function for this layout.
+
+        One device: `jit`. pmap: `pmap` with `axis_name=AXIS_NAME`. Sharding: `jit` with the
+        state replicated and the batch sharded, in and out; `step` sees the global batch with
+        `axis_name=None`, or, with `per_device`, runs on each device's shard under shard_map
+        with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices).
+        """
         donate = (0,) if donate_state else ()
-        if not self.parallel:
+        if self.parallelism is None:
             return jax.jit(step, donate_argnums=donate)
-        return jax.pmap(
-            functools.partial(step, axis_name=AXIS_NAME),
-            axis_name=AXIS_NAME,
-            devices=self.local_devices if self.num_processes == 1 else None,
+        if self.parallelism == "pmap":
+            return jax.pmap(
+                functools.partial(step, axis_name=AXIS_NAME),
+                axis_name=AXIS_NAME,
+                devices=self.local_devices if self.num_processes == 1 else None,
+                donate_argnums=donate,
+            )
+        if per_device:
+            # check_vma=False: the step is written as for pmap (its gradients are local and it
+            # pmeans them itself). With the check, JAX would already sum the gradient of the
+            # replicated parameters over the devices, and the pmean would keep that sum.
+            step = jax.shard_map(
+                functools.partial(step, axis_name=AXIS_NAME),
+                mesh=self.mesh,
+                in_specs=(P(), P(AXIS_NAME)),
+                out_specs=P(),
+                check_vma=False,
+            )
+        return jax.jit(
+            step,
+            in_shardings=(self._replicated, self._batch_sharding),
+            out_shardings=self._replicated,
             donate_argnums=donate,
         )
 
@@ -272,10 +391,13 @@ class DeviceLayout:
 
 
 def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
-    """The layout `config.num_devices` asks for, checked against the devices present."""
+    """The layout `config.num_devices` and `config.parallelism` ask for, checked."""
     available = jax.local_devices()
     requested = config.num_devices
     num_processes = jax.process_count()
+    parallelism = config.get("parallelism", "sharding")
+    if parallelism not in PARALLELISMS:
+        raise ConfigError(f"parallelism must be one of {PARALLELISMS}, got {parallelism!r}")
     if requested == -1:
         count = len(available)
     elif requested >= 1:
@@ -293,7 +415,7 @@ def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
             f"a multi-process job uses all local devices; set num_devices=-1 (got {requested})"
         )
     return DeviceLayout(
-        parallel=count > 1 or num_processes > 1,
+        parallelism=parallelism if count > 1 or num_processes > 1 else None,
         local_devices=tuple(available[:count]),
         num_processes=num_processes,
         process_index=jax.process_index(),
@@ -442,10 +564,9 @@ def evaluate(
     """Test loss and accuracy over every test example (padding excluded through the mask)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for batch in input_pipeline.eval_batches(dataset, config.eval_batch_size):
-        sums = eval_fn(state, layout.shard(batch))
-        if layout.parallel:  # psum made every replica equal
-            sums = jax.tree.map(lambda x: x[0], sums)
-        for name, value in jax.device_get(sums).items():
+        # Every replica holds the sums over the global batch (psum, or XLA's under sharding).
+        sums = layout.unreplicate(eval_fn(state, layout.shard(batch)))
+        for name, value in sums.items():
             totals[name] += float(value)
     count = max(totals["count"], 1.0)
     return {
@@ -552,9 +673,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         else steps_per_epoch * config.num_epochs
     )
 
-    model = models.create_model(
-        config.model, dataset.num_classes, axis_name=AXIS_NAME if layout.parallel else None
-    )
+    model = models.create_model(config.model, dataset.num_classes, axis_name=layout.model_axis_name)
     schedule = create_learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
     tx = create_optimizer(config.optimizer, schedule)
     image_shape = tuple(dataset.train.images.shape[1:])
@@ -569,9 +688,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if resumed_from is not None:
             print(f"Resuming from {checkpointer.directory}/{resumed_from} (step {start_step}).")
 
-    p_train_step = layout.compile(train_step, donate_state=True)
+    per_device_statistics = layout.parallel and not config.model.sync_batch_stats
+    if per_device_statistics and layout.parallelism == "sharding":
+        p_train_step = layout.compile(
+            train_step_averaging_statistics, donate_state=True, per_device=True
+        )
+    else:
+        p_train_step = layout.compile(train_step, donate_state=True)
     p_eval_step = layout.compile(eval_step, donate_state=False)
-    if layout.parallel and not config.model.sync_batch_stats:
+    if per_device_statistics and layout.parallelism == "pmap":
         # Every device keeps its own moving statistics; they are averaged whenever one copy
         # is needed (evaluation, checkpoint), as in flax's examples/imagenet.
         p_average = layout.compile(mean_float_leaves, donate_state=False)
@@ -654,7 +779,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 state, step_metrics = p_train_step(state, layout.shard(batch))
                 step += 1
                 progress.update(1)
-                log.add(step_metrics)
+                log.add(layout.local_copy(step_metrics))
                 evaluate_now = (
                     step % steps_per_epoch == 0
                     or step == total_steps
