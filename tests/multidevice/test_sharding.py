@@ -11,11 +11,13 @@ are compared with float64 numpy (statistics) and with one device on the unsharde
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_module_multidevice import CASES
@@ -236,3 +238,56 @@ def test_module_on_a_sharded_batch_equals_one_device(name, mode):
         )
         sharded_variables = {**variables, **jax.device_get(updates)}
         variables = {**variables, **updates_ref}
+
+
+# ----------------------------------------------------------------------------- NNX module
+
+
+def nnx_step(graphdef, state, x, cotangent, call_kwargs):
+    """A training step of a `jbn.nnx.BatchNorm` as a pure function of its state: the output, the
+    new statistics and the input gradient of sum(y * cotangent)."""
+    model = nnx.merge(graphdef, state)
+    y = model(x, use_running_average=False, **call_kwargs)
+
+    def loss(copy, x):
+        return jnp.sum(copy(x, use_running_average=False, **call_kwargs) * cotangent)
+
+    # A fresh copy, so that the statistics it moves while differentiated are dropped.
+    grad_x = nnx.grad(loss, argnums=1)(nnx.merge(graphdef, state), x)
+    return y, nnx.state(model, nnx.BatchStat), grad_x
+
+
+@pytest.mark.parametrize("kind", list(MESH_TYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_nnx_module_on_a_sharded_batch_equals_one_device(name, kind):
+    """jbn.nnx.BatchNorm under SPMD jit, axis_name=None: outputs, input gradients and moving
+    statistics over 2 steps equal one device on the unsharded batch, for every multi-device case."""
+    case = CASES[name]
+    module_kwargs, batch_shape = case["module_kwargs"], case["batch_shape"]
+    features = batch_shape[1] if module_kwargs.get("data_format") == "NCHW" else batch_shape[-1]
+    call_kwargs = {k: np.asarray(v) for k, v in case.get("call_kwargs", {}).items()}
+    graphdef, state = nnx.split(jbn.nnx.BatchNorm(features, rngs=nnx.Rngs(0), **module_kwargs))
+    rng = np.random.default_rng(0)
+    cotangent = rng.standard_normal(batch_shape).astype(np.float32)
+    batches = [(2.0 + 3.0 * rng.standard_normal(batch_shape)).astype(np.float32) for _ in "ab"]
+    step = jax.jit(functools.partial(nnx_step, graphdef))
+    mesh = make_mesh(kind)
+    single_state = sharded_state = state
+    for x in batches:
+        y_ref, stats_ref, grad_ref = step(single_state, x, cotangent, call_kwargs)
+        with using(mesh):
+            names = sorted(call_kwargs)
+            xs, cs, *extras = shard_batch(mesh, x, cotangent, *(call_kwargs[k] for k in names))
+            replicated = jax.device_put(sharded_state, NamedSharding(mesh, P()))
+            y, stats, grad_x = step(replicated, xs, cs, dict(zip(names, extras, strict=True)))
+        np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5, err_msg=f"{name}: output")
+        np.testing.assert_allclose(grad_x, grad_ref, rtol=1e-4, atol=1e-4, err_msg=f"{name}: grad")
+        jax.tree.map(
+            lambda got, want: np.testing.assert_allclose(
+                got, want, rtol=2e-5, atol=2e-5, err_msg=f"{name}: moving statistics"
+            ),
+            jax.device_get(stats),
+            jax.device_get(stats_ref),
+        )
+        single_state = nnx.merge_state(single_state, stats_ref)
+        sharded_state = nnx.merge_state(sharded_state, jax.device_get(stats))
