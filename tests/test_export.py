@@ -20,15 +20,14 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import train_testing
 from jax import lax
 from PIL import Image
+from train_testing import smoke_config
 
 import jbn
-from configs import smoke
 from train import export, input_pipeline, models, predict
 from train import train as train_lib
 
@@ -86,13 +85,6 @@ def cache_dir(tmp_path_factory):
         yield path
 
 
-def smoke_config(overrides) -> ml_collections.ConfigDict:
-    config = smoke.get_config()
-    config.progress_bar = False
-    config.update_from_flattened_dict(overrides)
-    return config
-
-
 def run_project_free(tmp_path: pathlib.Path, models_and_images) -> tuple[list[np.ndarray], dict]:
     """Runs each (model bytes, uint8 images) in the project-free subprocess; returns logits."""
     jobs = []
@@ -138,7 +130,7 @@ def first_test_images(dataset, count: int) -> np.ndarray:
 def exported_run(tmp_path_factory):
     """A short smoke run with renorm and zero-debias, exported through the CLI's main."""
     workdir = tmp_path_factory.mktemp("exported_run")
-    result = train_lib.train_and_evaluate(smoke_config(RENORM_ZERO_DEBIAS), str(workdir))
+    result = train_lib.train_and_evaluate(smoke_config(**RENORM_ZERO_DEBIAS), str(workdir))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         status = export.main(["--workdir", str(workdir)])
@@ -148,7 +140,7 @@ def exported_run(tmp_path_factory):
 
 def test_exported_logits_equal_the_eval_mode_models_without_the_project(exported_run, tmp_path):
     workdir, result, _ = exported_run
-    config = smoke_config(RENORM_ZERO_DEBIAS)
+    config = smoke_config(**RENORM_ZERO_DEBIAS)
     dataset = input_pipeline.load_dataset(config.dataset)
     model = models.create_model(config.model, dataset.num_classes)
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
@@ -171,7 +163,7 @@ def test_exported_logits_equal_the_eval_mode_models_without_the_project(exported
 
 def test_model_json_describes_the_model_and_its_checkpoint(exported_run):
     workdir, result, stdout = exported_run
-    config = smoke_config(RENORM_ZERO_DEBIAS)
+    config = smoke_config(**RENORM_ZERO_DEBIAS)
     dataset = input_pipeline.load_dataset(config.dataset)
     info = json.loads((workdir / "export" / "model.json").read_text())
     serialized = (workdir / "export" / "model.jaxexport").read_bytes()
@@ -208,7 +200,7 @@ def test_exported_graph_has_no_batch_norm_arithmetic(exported_run):
     folded_text = jax.export.deserialize(bytearray(serialized)).mlir_module()
     # The same model unfolded, exported the same way but for a static batch (jbn.BatchNorm
     # does not trace with a symbolic one); convolutions have one lowering per platform.
-    config = smoke_config(RENORM_ZERO_DEBIAS)
+    config = smoke_config(**RENORM_ZERO_DEBIAS)
     model = models.create_model(config.model, NUM_CLASSES)
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
     unfolded_text = jax.export.export(
@@ -316,7 +308,7 @@ def random_batch_stats(batch_stats, rng):
 
 
 def test_flax_batch_norm_folds_too():
-    config = smoke_config({"model.batch_norm_impl": "flax", "model.scale": True})
+    config = smoke_config(**{"model.batch_norm_impl": "flax", "model.scale": True})
     model = models.create_model(config.model, NUM_CLASSES)
     x = jax.random.normal(jax.random.key(1), (3, *IMAGE_SHAPE))
     variables = model.init(jax.random.key(0), x, is_training=False)
@@ -362,7 +354,7 @@ def test_a_layer_without_bias_is_refused():
 
 def test_a_model_without_batch_norm_is_exported_unfolded_and_says_so(tmp_path):
     overrides = {"model.use_batch_norm": False, "model.features": (4, 4, 4, 4)}
-    config = smoke_config({**overrides, "num_train_steps": 2})
+    config = smoke_config(**{**overrides, "num_train_steps": 2})
     result = train_lib.train_and_evaluate(config, str(tmp_path))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -439,7 +431,7 @@ def write_image(path: pathlib.Path, pixels: np.ndarray) -> str:
 
 def test_predict_classifies_image_files_as_the_model_does(exported_run, tmp_path, capsys):
     workdir, result, _ = exported_run
-    config = smoke_config(RENORM_ZERO_DEBIAS)
+    config = smoke_config(**RENORM_ZERO_DEBIAS)
     dataset = input_pipeline.load_dataset(config.dataset)
     model = models.create_model(config.model, dataset.num_classes)
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}

@@ -18,12 +18,11 @@ import struct
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import train_testing
+from train_testing import smoke_config
 
-from configs import smoke
 from train import __main__ as cli
 from train import checkpoints, input_pipeline, metrics
 from train import train as train_lib
@@ -34,13 +33,6 @@ def cache_dir(tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     with train_testing.fast_jax(path):
         yield path
-
-
-def smoke_config(**overrides) -> ml_collections.ConfigDict:
-    config = smoke.get_config()
-    config.progress_bar = False
-    config.update_from_flattened_dict(overrides)
-    return config
 
 
 def strict_json(text: str):
@@ -371,7 +363,8 @@ def test_resume_with_other_data_is_refused(tmp_path):
     # The same data under another path is fine (data_dir may move).
     shutil.copytree(first, tmp_path / "data_copy")
     result = train_lib.train_and_evaluate(
-        smoke_config(**overrides, **{"dataset.data_dir": str(tmp_path / "data_copy")}), workdir
+        smoke_config(**overrides, **{"dataset.data_dir": str(tmp_path / "data_copy")}),
+        workdir,
     )
     assert result.summary["resumed_from_step"] == 1
     assert result.summary["data_fingerprint"] == input_pipeline.data_fingerprint(

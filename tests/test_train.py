@@ -13,13 +13,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 import train_testing
+from train_testing import smoke_config
 
-from configs import default, smoke
+from configs import default
 from train import checkpoints, input_pipeline, metrics, models
 from train import train as train_lib
 
@@ -29,13 +29,6 @@ def cache_dir(tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     with train_testing.fast_jax(path):
         yield path
-
-
-def smoke_config(**overrides) -> ml_collections.ConfigDict:
-    config = smoke.get_config()
-    config.progress_bar = False
-    config.update_from_flattened_dict(overrides)
-    return config
 
 
 def assert_trees_equal(a, b):

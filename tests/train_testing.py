@@ -18,9 +18,20 @@ import sys
 from collections.abc import Iterator
 
 import jax
+import ml_collections
 from jax.experimental.compilation_cache import compilation_cache
 
+from configs import smoke
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def smoke_config(**overrides) -> ml_collections.ConfigDict:
+    """configs/smoke.py without a progress bar, with `overrides` ('a.b': value) applied."""
+    config = smoke.get_config()
+    config.progress_bar = False
+    config.update_from_flattened_dict(overrides)
+    return config
 
 
 @contextlib.contextmanager
