@@ -105,7 +105,7 @@ def _orbax_errors_unlogged() -> Iterator[None]:
 
 
 def _quiet_abandoned_io() -> None:
-    """Silences the echoes of a failed orbax read or write (installed once, at the first failure).
+    """Silences the echoes of a failed orbax read or write (installed once, before the first read).
 
     When one array of a checkpoint cannot be read or written, orbax gives up and closes its event
     loop, but tensorstore still completes the other reads and calls back into the closed loop: each
@@ -297,10 +297,12 @@ class Checkpointer:
 
     def _read(self, step: int, **items: Any) -> Any:
         """Reads the named items of a checkpoint; anything orbax raises means it is unreadable."""
+        # Installed before the read: tensorstore's threads can echo an abandoned read before
+        # orbax's error reaches this frame.
+        _quiet_abandoned_io()
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax raises many types; all mean "unreadable".
-            _quiet_abandoned_io()
             raise CorruptCheckpointError(
                 f"cannot read checkpoint {self.location(step)}: {_first_line(error)}"
             ) from error
