@@ -40,7 +40,7 @@ import optax
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from train import input_pipeline, metrics, models, train
+from train import data, metrics, models, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TARGET_ACCURACY = 0.90
@@ -215,7 +215,7 @@ def multi_device(epochs: int, out: pathlib.Path) -> tuple[dict, dict]:
 
 def sync_cost(config: ml_collections.ConfigDict, rounds: int = 7, steps: int = 10) -> dict:
     """Train steps/s of 1 device, 4 synchronized and 4 per-device, interleaved round by round."""
-    image_shape = input_pipeline.load_dataset(config.dataset).train.images.shape[1:]
+    image_shape = data.load_dataset(config.dataset).train.images.shape[1:]
     images = np.random.default_rng(0).standard_normal((config.batch_size, *image_shape))
     batch = {
         "image": images.astype(np.float32),

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    # Read by train/input_pipeline.load_dataset.
+    # Read by train/data.load_dataset.
     config.dataset = dataset = ml_collections.ConfigDict()
     dataset.name = "fashion_mnist"  # 'fashion_mnist' | 'mnist' | 'cifar10' | 'synthetic'
     dataset.source = "auto"  # 'auto' | 'local' | 'tfds' | 'synthetic'

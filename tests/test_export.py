@@ -28,7 +28,7 @@ from PIL import Image
 from train_testing import smoke_config
 
 import jbn
-from train import export, input_pipeline, models, predict
+from train import data, export, models, predict
 from train import train as train_lib
 
 IMAGE_SHAPE = (16, 16, 3)  # configs/smoke.py's synthetic images
@@ -108,7 +108,7 @@ def run_project_free(tmp_path: pathlib.Path, models_and_images) -> tuple[list[np
 
 def eval_mode_logits(model, variables, images, dataset) -> np.ndarray:
     """The reference: the unfolded model in inference mode on the training's normalization."""
-    normalized = input_pipeline.normalize_images(images, dataset.mean, dataset.std)
+    normalized = data.normalize_images(images, dataset.mean, dataset.std)
     return np.asarray(model.apply(variables, normalized, is_training=False))
 
 
@@ -141,7 +141,7 @@ def exported_run(tmp_path_factory):
 def test_exported_logits_equal_the_eval_mode_models_without_the_project(exported_run, tmp_path):
     workdir, result, _ = exported_run
     config = smoke_config(**RENORM_ZERO_DEBIAS)
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     model = models.create_model(config.model, dataset.num_classes)
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
     # The statistics a wrong fold would pick up really differ from the right ones.
@@ -164,7 +164,7 @@ def test_exported_logits_equal_the_eval_mode_models_without_the_project(exported
 def test_model_json_describes_the_model_and_its_checkpoint(exported_run):
     workdir, result, stdout = exported_run
     config = smoke_config(**RENORM_ZERO_DEBIAS)
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     info = json.loads((workdir / "export" / "model.json").read_text())
     serialized = (workdir / "export" / "model.jaxexport").read_bytes()
 
@@ -267,7 +267,7 @@ def test_nchw_model_exports_equal_to_its_eval_mode(batch_norm_kwargs, tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(16, 8, 8, 3), dtype=np.uint8)
     mean, std = np.float32([0.3, 0.5, 0.7]), np.float32([0.2, 0.25, 0.3])
-    normalized = input_pipeline.normalize_images(images, mean, std)
+    normalized = data.normalize_images(images, mean, std)
     variables = model.init(jax.random.key(0), normalized, is_training=False)
     train_forward = jax.jit(
         lambda v, x: model.apply(v, x, is_training=True, mutable=["batch_stats"])[1]
@@ -291,7 +291,7 @@ def test_nchw_model_exports_equal_to_its_eval_mode(batch_norm_kwargs, tmp_path):
     logits, _ = run_project_free(tmp_path, [(exported.serialize(), b) for b in batches])
     for batch, exported_logits in zip(batches, logits, strict=True):
         expected = model.apply(
-            variables, input_pipeline.normalize_images(batch, mean, std), is_training=False
+            variables, data.normalize_images(batch, mean, std), is_training=False
         )
         assert_logits_close(exported_logits, np.asarray(expected))
 
@@ -432,7 +432,7 @@ def write_image(path: pathlib.Path, pixels: np.ndarray) -> str:
 def test_predict_classifies_image_files_as_the_model_does(exported_run, tmp_path, capsys):
     workdir, result, _ = exported_run
     config = smoke_config(**RENORM_ZERO_DEBIAS)
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     model = models.create_model(config.model, dataset.num_classes)
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
     images = first_test_images(dataset, 2)

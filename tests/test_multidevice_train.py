@@ -18,7 +18,7 @@ import pytest
 import train_testing
 
 from configs import smoke
-from train import input_pipeline, models
+from train import data, models
 from train import train as train_lib
 
 NUM_DEVICES = 4
@@ -53,8 +53,8 @@ def measure_on_four_devices() -> dict:
     # noise of a zero gradient (conv biases before batch norm, whose true gradient is 0) into
     # steps of size ~lr; SGD keeps round-off at round-off.
     config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.1
-    dataset = input_pipeline.load_dataset(config.dataset)
-    batches = list(itertools.islice(input_pipeline.train_batches(dataset, 128, seed=0, epoch=0), 3))
+    dataset = data.load_dataset(config.dataset)
+    batches = list(itertools.islice(data.train_batches(dataset, 128, seed=0, epoch=0), 3))
     devices = tuple(jax.local_devices())
     one = train_lib.DeviceLayout(None, devices[:1], 1, 0)
     pmap = train_lib.DeviceLayout("pmap", devices, 1, 0)

@@ -24,7 +24,7 @@ import train_testing
 from train_testing import smoke_config
 
 from train import __main__ as cli
-from train import checkpoints, input_pipeline, metrics
+from train import checkpoints, data, metrics
 from train import train as train_lib
 
 
@@ -367,8 +367,8 @@ def test_resume_with_other_data_is_refused(tmp_path):
         workdir,
     )
     assert result.summary["resumed_from_step"] == 1
-    assert result.summary["data_fingerprint"] == input_pipeline.data_fingerprint(
-        input_pipeline.load_dataset(config.dataset)
+    assert result.summary["data_fingerprint"] == data.data_fingerprint(
+        data.load_dataset(config.dataset)
     )
 
 

@@ -20,7 +20,7 @@ import train_testing
 from train_testing import smoke_config
 
 from configs import default
-from train import checkpoints, input_pipeline, metrics, models
+from train import checkpoints, data, metrics, models
 from train import train as train_lib
 
 
@@ -265,11 +265,11 @@ def test_evaluation_counts_every_test_example_once(uninterrupted):
     """Padding is masked: any eval batch size gives the loss and accuracy of a direct pass."""
     _, result = uninterrupted
     config = smoke_config()
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     layout = train_lib.device_layout(config)
     state = result.state
     eval_fn = jax.jit(train_lib.eval_step)
-    (everything,) = input_pipeline.eval_batches(dataset, 200)  # one unpadded batch
+    (everything,) = data.eval_batches(dataset, 200)  # one unpadded batch
     assert everything["mask"].all()
     logits = jax.jit(functools.partial(state.apply_fn, is_training=False))(
         {"params": state.params, "batch_stats": state.batch_stats}, everything["image"]

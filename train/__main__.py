@@ -149,12 +149,12 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     # Imported here: JAX's devices must be configured (distributed.initialize) before any JAX
     # computation, and absl's usage errors should not wait for JAX to import.
-    from train import checkpoints, distributed, input_pipeline, metrics
+    from train import checkpoints, data, distributed, metrics
     from train import train as train_lib
 
     expected_errors = (
         train_lib.ConfigError,
-        input_pipeline.DataError,
+        data.DataError,
         checkpoints.CheckpointError,
         distributed.DistributedError,
     )

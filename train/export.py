@@ -40,7 +40,7 @@ from flax import traverse_util
 from jax import export
 
 import jbn
-from train import checkpoints, input_pipeline, metrics, models
+from train import checkpoints, data, metrics, models
 from train import train as train_lib
 from train.predict import INFO_FILE, USAGE_ERROR, export_paths
 
@@ -210,12 +210,12 @@ def export_classifier(
     """Exports `uint8 (batch, H, W, C) -> float32 logits (batch, classes)` with symbolic batch.
 
     `forward` maps normalized float32 images to logits; the images are normalized as in
-    training (`input_pipeline.normalize_images` with the train set's `mean` and `std`) inside
+    training (`data.normalize_images` with the train set's `mean` and `std`) inside
     the exported graph. Whatever `forward` closes over (the parameters) becomes constants.
     """
 
     def serve(images: jax.Array) -> jax.Array:
-        return forward(input_pipeline.normalize_images(images, mean, std)).astype(jnp.float32)
+        return forward(data.normalize_images(images, mean, std)).astype(jnp.float32)
 
     (batch,) = export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
@@ -230,7 +230,7 @@ class RestoredRun:
     """The latest checkpoint of a run, with what is needed to rebuild and evaluate its model."""
 
     config: ml_collections.ConfigDict
-    dataset: input_pipeline.Dataset
+    dataset: data.Dataset
     model: models.ConvNet
     variables: dict[str, Any]  # params and batch_stats
     step: int
@@ -239,10 +239,10 @@ class RestoredRun:
 
 
 def _state_template(
-    config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset, model: models.ConvNet
+    config: ml_collections.ConfigDict, dataset: data.Dataset, model: models.ConvNet
 ) -> train_lib.TrainState:
     """A train state of the structure training saves (optimizer state included)."""
-    steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(dataset, config.batch_size)
     total_steps = (
         config.num_train_steps
         if config.num_train_steps > 0
@@ -262,7 +262,7 @@ def restore_run(workdir: str) -> RestoredRun:
     Raises:
       ExportError: no run or no checkpoint in `workdir`.
       checkpoints.CheckpointError: the checkpoint cannot be read or does not fit the config.
-      input_pipeline.DataError: the run's dataset cannot be loaded.
+      data.DataError: the run's dataset cannot be loaded.
     """
     config_path = os.path.join(workdir, "config.json")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -282,7 +282,7 @@ def restore_run(workdir: str) -> RestoredRun:
         if step is None:
             raise ExportError(f"no checkpoint in {checkpoint_dir}; {train_hint}")
         checkpointer.check_config(step, config)
-        dataset = input_pipeline.load_dataset(config.dataset)
+        dataset = data.load_dataset(config.dataset)
         model = models.create_model(config.model, dataset.num_classes)
         state = checkpointer.restore(step, _state_template(config, dataset, model))
     finally:
@@ -309,7 +309,7 @@ def _run_test_accuracy(workdir: str, step: int) -> float | None:
 def compare_on_test_set(
     exported: export.Exported,
     model_forward: Callable[[jax.Array], jax.Array],
-    dataset: input_pipeline.Dataset,
+    dataset: data.Dataset,
     batch_size: int,
 ) -> dict[str, float]:
     """Runs the exported model (on uint8 images) and `model_forward` (normalized) on every test
@@ -323,9 +323,7 @@ def compare_on_test_set(
             test.labels[start : start + batch_size],
         )
         exported_logits = np.asarray(exported.call(images))
-        model_logits = np.asarray(
-            forward(input_pipeline.normalize_images(images, dataset.mean, dataset.std))
-        )
+        model_logits = np.asarray(forward(data.normalize_images(images, dataset.mean, dataset.std)))
         totals["exported_correct"] += int(np.sum(exported_logits.argmax(-1) == labels))
         totals["model_correct"] += int(np.sum(model_logits.argmax(-1) == labels))
         difference = np.max(np.abs(exported_logits - model_logits.astype(np.float32)))
@@ -352,7 +350,7 @@ def export_run(workdir: str, platforms: Sequence[str] = PLATFORMS) -> dict[str, 
     """Exports the latest checkpoint of the run in `workdir`; returns what model.json holds.
 
     Raises:
-      ExportError, checkpoints.CheckpointError, input_pipeline.DataError: see `restore_run`;
+      ExportError, checkpoints.CheckpointError, data.DataError: see `restore_run`;
         ExportError also when the folded model disagrees with the checkpoint's.
       OSError: the export directory cannot be written.
     """
@@ -399,7 +397,7 @@ def export_run(workdir: str, platforms: Sequence[str] = PLATFORMS) -> dict[str, 
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
         "dataset": dataset.name,
-        "class_names": list(input_pipeline.class_names(dataset)),
+        "class_names": list(data.class_names(dataset)),
         "input": {
             "shape": [None, *image_shape],
             "dtype": "uint8",
@@ -465,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)
     try:
         info = export_run(args.workdir)
-    except (ExportError, checkpoints.CheckpointError, input_pipeline.DataError) as error:
+    except (ExportError, checkpoints.CheckpointError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as error:

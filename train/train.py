@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train import checkpoints, input_pipeline, metrics, models
+from train import checkpoints, data, metrics, models
 
 # Name of the device axis (pmap's axis, the mesh's axis): pmap and shard_map average gradients
 # and synchronize batch statistics over it.
@@ -557,13 +557,13 @@ def count_params(params: Any) -> int:
 def evaluate(
     eval_fn: Callable[..., Any],
     state: TrainState,
-    dataset: input_pipeline.Dataset,
+    dataset: data.Dataset,
     config: ml_collections.ConfigDict,
     layout: DeviceLayout,
 ) -> dict[str, float]:
     """Test loss and accuracy over every test example (padding excluded through the mask)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in input_pipeline.eval_batches(dataset, config.eval_batch_size):
+    for batch in data.eval_batches(dataset, config.eval_batch_size):
         # Every replica holds the sums over the global batch (psum, or XLA's under sharding).
         sums = layout.unreplicate(eval_fn(state, layout.shard(batch)))
         for name, value in sums.items():
@@ -659,14 +659,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     # Before the slow part: a workdir of another experiment fails at once.
     checkpointer.check_newest_config(config)
-    dataset = input_pipeline.load_dataset(config.dataset)
-    data_fingerprint = input_pipeline.data_fingerprint(dataset)
+    dataset = data.load_dataset(config.dataset)
+    data_fingerprint = data.data_fingerprint(dataset)
     if config.batch_size > len(dataset.train.labels):
         raise ConfigError(
             f"batch_size={config.batch_size} exceeds the {len(dataset.train.labels)} training "
             f"examples of {dataset.name!r}"
         )
-    steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(dataset, config.batch_size)
     total_steps = (
         config.num_train_steps
         if config.num_train_steps > 0
@@ -767,7 +767,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     with StopRequests() as stop_requests, progress:
         for epoch in epochs:
-            batches = input_pipeline.train_batches(
+            batches = data.train_batches(
                 dataset,
                 config.batch_size,
                 seed=config.seed,

@@ -1,4 +1,4 @@
-"""Tests of train/input_pipeline.py against files written here to the published formats."""
+"""Tests of train/data/ against files written here to the published formats."""
 
 import gzip
 import io
@@ -14,8 +14,16 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from train import input_pipeline
-from train.input_pipeline import DataError, Dataset, Split
+from train.data import (
+    DataError,
+    Dataset,
+    Split,
+    data_fingerprint,
+    eval_batches,
+    load_dataset,
+    steps_per_epoch,
+    train_batches,
+)
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = {
@@ -80,7 +88,7 @@ def write_idx_dataset(directory: pathlib.Path, *, gz: bool = True, sizes=(23, 7)
 def test_idx_round_trip(tmp_path, gz):
     written = write_idx_dataset(tmp_path, gz=gz)
 
-    dataset = input_pipeline.load_dataset(make_config(data_dir=str(tmp_path)))
+    dataset = load_dataset(make_config(data_dir=str(tmp_path)))
 
     assert dataset.name == "fashion_mnist"
     assert dataset.num_classes == 10
@@ -110,7 +118,7 @@ def test_idx_truncated_file_raises_naming_it(tmp_path, damage):
         damaged.write_bytes(compressed[: len(compressed) // 2])
 
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz") as info:
-        input_pipeline.load_dataset(make_config(data_dir=str(tmp_path)))
+        load_dataset(make_config(data_dir=str(tmp_path)))
     assert "truncated" in str(info.value)
 
 
@@ -121,7 +129,7 @@ def test_idx_bad_magic_raises_naming_file(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes(data))
 
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.*magic"):
-        input_pipeline.load_dataset(make_config(data_dir=str(tmp_path)))
+        load_dataset(make_config(data_dir=str(tmp_path)))
 
 
 def test_idx_count_mismatch_raises_naming_both_files(tmp_path):
@@ -129,7 +137,7 @@ def test_idx_count_mismatch_raises_naming_both_files(tmp_path):
     write_file(tmp_path / "train-labels-idx1-ubyte.gz", idx_bytes(written["train"][1][:-1]))
 
     with pytest.raises(DataError) as info:
-        input_pipeline.load_dataset(make_config(data_dir=str(tmp_path)))
+        load_dataset(make_config(data_dir=str(tmp_path)))
     assert "train-images-idx3-ubyte.gz has 23 images" in str(info.value)
     assert "train-labels-idx1-ubyte.gz has 22 labels" in str(info.value)
 
@@ -141,7 +149,7 @@ def test_idx_label_out_of_range_raises_naming_file(tmp_path):
     write_file(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes(labels))
 
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: labels range over \[0, 10\]"):
-        input_pipeline.load_dataset(make_config(data_dir=str(tmp_path)))
+        load_dataset(make_config(data_dir=str(tmp_path)))
 
 
 def test_data_fingerprint_follows_the_content_not_the_files(tmp_path):
@@ -149,9 +157,7 @@ def test_data_fingerprint_follows_the_content_not_the_files(tmp_path):
     write_idx_dataset(tmp_path / "gz", gz=True, seed=3)
     written = write_idx_dataset(tmp_path / "raw", gz=False, seed=3)
     fingerprints = {
-        name: input_pipeline.data_fingerprint(
-            input_pipeline.load_dataset(make_config(data_dir=str(tmp_path / name)))
-        )
+        name: data_fingerprint(load_dataset(make_config(data_dir=str(tmp_path / name))))
         for name in ("gz", "raw")
     }
     assert fingerprints["gz"] == fingerprints["raw"]
@@ -167,14 +173,14 @@ def test_data_fingerprint_follows_the_content_not_the_files(tmp_path):
         write_idx_dataset(directory, gz=True, seed=3)
         write_file(directory / "t10k-images-idx3-ubyte.gz", idx_bytes(changed_images))
         write_file(directory / "t10k-labels-idx1-ubyte.gz", idx_bytes(changed_labels))
-        fingerprints[directory.name] = input_pipeline.data_fingerprint(
-            input_pipeline.load_dataset(make_config(data_dir=str(directory)))
+        fingerprints[directory.name] = data_fingerprint(
+            load_dataset(make_config(data_dir=str(directory)))
         )
     assert len(set(fingerprints.values())) == 3
 
 
 def test_real_fashion_mnist():
-    dataset = input_pipeline.load_dataset(make_config(source="auto"))
+    dataset = load_dataset(make_config(source="auto"))
 
     assert dataset.train.images.shape == (60000, 28, 28, 1)
     assert dataset.test.images.shape == (10000, 28, 28, 1)
@@ -274,7 +280,7 @@ def check_cifar(dataset: Dataset, expected) -> None:
 def test_cifar_binary_round_trip(tmp_path, layout):
     expected = write_cifar(tmp_path, "bin", layout)
 
-    dataset = input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
+    dataset = load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
 
     check_cifar(dataset, expected)
 
@@ -284,7 +290,7 @@ def test_cifar_binary_round_trip(tmp_path, layout):
 def test_cifar_python_round_trip(tmp_path, layout, protocol):
     expected = write_cifar(tmp_path, "py", layout, protocol)
 
-    dataset = input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
+    dataset = load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
 
     check_cifar(dataset, expected)
 
@@ -313,7 +319,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, payload):
     (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(batch))
 
     with pytest.raises(DataError, match=r"data_batch_2: refused to unpickle (posix|os|builtins)\."):
-        input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path / "data")))
+        load_dataset(make_config(name="cifar10", data_dir=str(tmp_path / "data")))
     assert not marker.exists()
 
 
@@ -323,7 +329,7 @@ def test_cifar_truncated_binary_raises_naming_file(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:-1000])
 
     with pytest.raises(DataError, match=r"data_batch_3.bin: .*truncated"):
-        input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
+        load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
 
 
 def test_cifar_truncated_pickle_raises_naming_file(tmp_path):
@@ -332,7 +338,7 @@ def test_cifar_truncated_pickle_raises_naming_file(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:500])
 
     with pytest.raises(DataError, match=r"test_batch: cannot unpickle"):
-        input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
+        load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
 
 
 def test_cifar_truncated_archive_raises_naming_it(tmp_path):
@@ -341,7 +347,7 @@ def test_cifar_truncated_archive_raises_naming_it(tmp_path):
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
 
     with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: .*truncated"):
-        input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
+        load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +356,7 @@ def test_cifar_truncated_archive_raises_naming_it(tmp_path):
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError) as info:
-        input_pipeline.load_dataset(make_config(data_dir=str(tmp_path / "nowhere")))
+        load_dataset(make_config(data_dir=str(tmp_path / "nowhere")))
     message = str(info.value)
     assert "nowhere" in message
     assert "apt-get install dataset-fashion-mnist" in message
@@ -363,7 +369,7 @@ def test_missing_data_auto_falls_back_to_tfds_and_says_how_to_get_it(tmp_path):
     )
 
     with pytest.raises(DataError) as info:
-        input_pipeline.load_dataset(config)
+        load_dataset(config)
     message = str(info.value)
     assert "No Fashion-MNIST files in" in message and "nowhere" in message
     assert "'fashion_mnist'" in message and "not prepared" in message
@@ -373,7 +379,7 @@ def test_missing_data_auto_falls_back_to_tfds_and_says_how_to_get_it(tmp_path):
 
 def test_missing_cifar_says_where_to_download_it(tmp_path):
     with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz from https://www.cs.toronto"):
-        input_pipeline.load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
+        load_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize(
@@ -381,7 +387,7 @@ def test_missing_cifar_says_where_to_download_it(tmp_path):
 )
 def test_bad_config_raises_data_error(fields):
     with pytest.raises(DataError):
-        input_pipeline.load_dataset(make_config(**fields))
+        load_dataset(make_config(**fields))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,9 +462,9 @@ def test_tfds_prepares_and_reads_without_tensorflow(tmp_path):
         tfds_download=True,
     )
 
-    prepared = input_pipeline.load_dataset(config)
+    prepared = load_dataset(config)
     config.tfds_download = False
-    reread = input_pipeline.load_dataset(config)
+    reread = load_dataset(config)
 
     for dataset in (prepared, reread):
         assert dataset.name == "fashion_mnist"
@@ -479,7 +485,7 @@ def test_auto_reads_prepared_tfds_when_there_are_no_local_files(tmp_path):
         tfds_download=True,
     )
 
-    dataset = input_pipeline.load_dataset(config)
+    dataset = load_dataset(config)
 
     assert len(dataset.train.labels) == 12 and len(dataset.test.labels) == 5
 
@@ -488,7 +494,7 @@ def test_tfds_not_prepared_and_no_download_says_how_to_get_it(tmp_path):
     config = make_config(source="tfds", tfds_data_dir=str(tmp_path), tfds_download=False)
 
     with pytest.raises(DataError) as info:
-        input_pipeline.load_dataset(config)
+        load_dataset(config)
     message = str(info.value)
     assert str(tmp_path) in message and "not prepared" in message
     assert "apt-get install dataset-fashion-mnist" in message
@@ -503,7 +509,7 @@ def test_tfds_preparing_without_tensorflow_says_to_install_it(tmp_path):
     )
 
     with pytest.raises(DataError) as info:
-        input_pipeline.load_dataset(config)
+        load_dataset(config)
     message = str(info.value)
     assert "needs TensorFlow" in message
     assert "pip install 'jbn[tensorflow]'" in message
@@ -544,9 +550,9 @@ def assert_same_batches(first, second) -> None:
 def test_train_batches_shapes_and_dtypes():
     dataset = indexed_dataset()
 
-    batches = list(input_pipeline.train_batches(dataset, 8, seed=0, epoch=0))
+    batches = list(train_batches(dataset, 8, seed=0, epoch=0))
 
-    assert len(batches) == input_pipeline.steps_per_epoch(dataset, 8) == 6
+    assert len(batches) == steps_per_epoch(dataset, 8) == 6
     for batch in batches:
         assert set(batch) == {"image", "label"}
         assert batch["image"].shape == (8, 6, 6, 3) and batch["image"].dtype == np.float32
@@ -557,7 +563,7 @@ def test_train_batches_are_deterministic_per_seed_and_epoch():
     dataset = indexed_dataset()
 
     def run(seed, epoch):
-        return as_arrays(input_pipeline.train_batches(dataset, 8, seed=seed, epoch=epoch))
+        return as_arrays(train_batches(dataset, 8, seed=seed, epoch=epoch))
 
     assert_same_batches(run(0, 0), run(0, 0))
     order = np.concatenate([labels for _, labels in run(0, 0)])
@@ -568,9 +574,7 @@ def test_train_batches_are_deterministic_per_seed_and_epoch():
 def test_train_batches_use_each_example_at_most_once_and_drop_the_remainder():
     dataset = indexed_dataset(num_train=50)
 
-    labels = np.concatenate(
-        [b["label"] for b in input_pipeline.train_batches(dataset, 8, seed=3, epoch=2)]
-    )
+    labels = np.concatenate([b["label"] for b in train_batches(dataset, 8, seed=3, epoch=2)])
 
     assert len(labels) == 48
     assert len(np.unique(labels)) == 48
@@ -580,19 +584,17 @@ def test_train_batches_use_each_example_at_most_once_and_drop_the_remainder():
 @pytest.mark.parametrize("augment", [False, True])
 def test_train_batches_resume_exactly_from_start_step(augment):
     dataset = indexed_dataset()
-    full = as_arrays(input_pipeline.train_batches(dataset, 8, seed=7, epoch=3, augment=augment))
+    full = as_arrays(train_batches(dataset, 8, seed=7, epoch=3, augment=augment))
 
     for start_step in (1, 4, 6):
-        resumed = input_pipeline.train_batches(
-            dataset, 8, seed=7, epoch=3, start_step=start_step, augment=augment
-        )
+        resumed = train_batches(dataset, 8, seed=7, epoch=3, start_step=start_step, augment=augment)
         assert_same_batches(as_arrays(resumed), full[start_step:])
 
 
 def test_train_batches_are_normalized():
     dataset = indexed_dataset(num_train=64)
 
-    (batch,) = input_pipeline.train_batches(dataset, 64, seed=0, epoch=0)
+    (batch,) = train_batches(dataset, 64, seed=0, epoch=0)
 
     np.testing.assert_allclose(batch["image"].mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(batch["image"].std(axis=(0, 1, 2)), 1.0, atol=1e-5)
@@ -611,7 +613,7 @@ def test_augment_crops_zero_padded_images_and_flips_them_deterministically():
     )
 
     def run():
-        return as_arrays(input_pipeline.train_batches(dataset, 8, seed=1, epoch=0, augment=True))
+        return as_arrays(train_batches(dataset, 8, seed=1, epoch=0, augment=True))
 
     batches = run()
     assert_same_batches(batches, run())
@@ -643,21 +645,21 @@ def test_train_batches_reject_bad_batch_size_when_called(batch_size):
     dataset = indexed_dataset(num_train=50)
 
     with pytest.raises(ValueError, match="batch_size"):
-        input_pipeline.train_batches(dataset, batch_size, seed=0, epoch=0)
+        train_batches(dataset, batch_size, seed=0, epoch=0)
     with pytest.raises(ValueError, match="batch_size"):
-        input_pipeline.steps_per_epoch(dataset, batch_size)
+        steps_per_epoch(dataset, batch_size)
 
 
 def test_train_batches_reject_start_step_past_the_epoch():
     with pytest.raises(ValueError, match="start_step"):
-        input_pipeline.train_batches(indexed_dataset(), 8, seed=0, epoch=0, start_step=7)
+        train_batches(indexed_dataset(), 8, seed=0, epoch=0, start_step=7)
 
 
 @pytest.mark.parametrize(("num_test", "batch_size"), [(10, 4), (12, 4), (3, 8)])
 def test_eval_batches_cover_every_example_once_in_order(num_test, batch_size):
     dataset = indexed_dataset(num_test=num_test)
 
-    batches = list(input_pipeline.eval_batches(dataset, batch_size))
+    batches = list(eval_batches(dataset, batch_size))
 
     assert len(batches) == -(-num_test // batch_size)
     for batch in batches:
@@ -675,7 +677,7 @@ def test_eval_batches_cover_every_example_once_in_order(num_test, batch_size):
 
 def test_eval_batches_reject_bad_batch_size_when_called():
     with pytest.raises(ValueError, match="batch_size"):
-        input_pipeline.eval_batches(indexed_dataset(), 0)
+        eval_batches(indexed_dataset(), 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,9 +697,9 @@ def synthetic_config(**fields) -> ml_collections.ConfigDict:
 
 
 def test_synthetic_is_deterministic():
-    first = input_pipeline.load_dataset(synthetic_config())
-    second = input_pipeline.load_dataset(synthetic_config())
-    other_seed = input_pipeline.load_dataset(synthetic_config(synthetic_seed=1))
+    first = load_dataset(synthetic_config())
+    second = load_dataset(synthetic_config())
+    other_seed = load_dataset(synthetic_config(synthetic_seed=1))
 
     assert first.name == "synthetic" and first.num_classes == 10
     assert first.train.images.shape == (400, 8, 8, 3) and first.test.images.shape == (200, 8, 8, 3)
@@ -707,7 +709,7 @@ def test_synthetic_is_deterministic():
 
 
 def test_synthetic_classes_are_separable():
-    dataset = input_pipeline.load_dataset(synthetic_config())
+    dataset = load_dataset(synthetic_config())
     train_images = dataset.train.images.reshape(400, -1).astype(np.float64)
     test_images = dataset.test.images.reshape(200, -1).astype(np.float64)
 
