@@ -7,71 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
+from jbn_testing import F32_TOL, init_variables, random_batches, train_steps, training_step
 
 import jbn
-
-F32_TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Independent float64 references.
-
-
-def np_moments(x, reduce_axes, weights=None):
-    """Weighted mean and biased variance in float64; weight-0 elements may hold NaN."""
-    x = np.asarray(x, np.float64)
-    w = np.ones_like(x) if weights is None else np.broadcast_to(weights, x.shape).astype(float)
-    x = np.where(w != 0, x, 0.0)
-    count = w.sum(reduce_axes, keepdims=True)
-    mean = (w * x).sum(reduce_axes, keepdims=True) / count
-    var = (w * (x - mean) ** 2).sum(reduce_axes, keepdims=True) / count
-    return mean, var, count
-
-
-def np_normalize(x, mean, var, beta, gamma, epsilon):
-    y = (np.asarray(x, np.float64) - mean) / np.sqrt(var + epsilon)
-    if gamma is not None:
-        y = y * gamma
-    if beta is not None:
-        y = y + beta
-    return y
-
-
-def random_batches(shape, steps, seed=0, loc=1.5, spread=2.0):
-    rng = np.random.default_rng(seed)
-    # Per-feature offsets and spreads make a mix-up of axes visible.
-    return [
-        (loc + spread * rng.standard_normal(shape) * rng.uniform(0.5, 2.0)).astype(np.float32)
-        for _ in range(steps)
-    ]
-
-
-def init_variables(module, x):
-    # Jitted: one compilation is much cheaper than dispatching every small op eagerly.
-    return jax.jit(lambda key, x: module.init(key, x, is_training=False))(jax.random.key(0), x)
-
-
-def training_step(module):
-    """Jitted `(variables, x, **call_kwargs) -> (y, updates)` in training mode."""
-
-    def step(variables, x, **call_kwargs):
-        return module.apply(variables, x, is_training=True, mutable=["batch_stats"], **call_kwargs)
-
-    return jax.jit(step)
-
-
-def train_steps(module, batches, variables=None, **call_kwargs):
-    """Runs training steps; returns (outputs, variables after the last step)."""
-    if variables is None:
-        variables = init_variables(module, batches[0])
-    step = training_step(module)
-    outputs = []
-    for x in batches:
-        y, updates = step(variables, x, **call_kwargs)
-        variables = {**variables, **updates}
-        outputs.append(y)
-    return outputs, variables
-
 
 # ---------------------------------------------------------------------------------------------
 # Agreement with flax.linen.BatchNorm.
@@ -200,10 +139,13 @@ def test_default_arguments_follow_tf1():
     # scale=False: no gamma; center=True: beta of zeros.
     assert set(variables["params"]) == {"beta"}
     (y,), after = train_steps(module, [x])
-    mean, var, _ = np_moments(x, (0,))
-    np.testing.assert_allclose(y, np_normalize(x, mean, var, None, None, 1e-3), **F32_TOL)
+    mean, var, _ = reference.moments(x, (0,))
+    np.testing.assert_allclose(y, reference.normalize(x, mean, var, None, None, 1e-3), **F32_TOL)
     np.testing.assert_allclose(
-        after["batch_stats"]["moving_mean"], 0.001 * mean[0], rtol=1e-5, atol=1e-7
+        after["batch_stats"]["moving_mean"],
+        reference.moving_average(0.0, mean[0], 0.999),
+        rtol=1e-5,
+        atol=1e-7,
     )
 
 
@@ -211,7 +153,7 @@ def test_is_training_attribute_and_call_argument():
     x = random_batches((8, 3), steps=1)[0]
     stats = {"moving_mean": jnp.full(3, 5.0), "moving_variance": jnp.full(3, 4.0)}
     variables = {"params": {"beta": jnp.zeros(3)}, "batch_stats": stats}
-    expected_eval = (x - 5.0) / np.sqrt(4.0 + 1e-3)
+    expected_eval = reference.normalize(x, 5.0, 4.0, None, None, 1e-3)
     eval_module = jbn.BatchNorm(is_training=False)
     np.testing.assert_allclose(eval_module.apply(variables, x), expected_eval, **F32_TOL)
     # The call argument wins over the attribute.
@@ -243,61 +185,17 @@ def test_zero_debias_moving_mean():
     module = jbn.BatchNorm(decay=decay, zero_debias_moving_mean=True)
     batches = random_batches((10, 2, 4), steps=steps, loc=4.0)
     _, variables = train_steps(module, batches)
-    biased, variance = np.zeros(4), np.ones(4)
-    for x in batches:
-        mean, var, _ = np_moments(x, (0, 1))
-        biased = decay * biased + (1 - decay) * mean.ravel()
-        variance = decay * variance + (1 - decay) * var.ravel()  # not debiased, as in TF1
+    means, variances, _ = zip(*(reference.moments(x, (0, 1), keepdims=False) for x in batches))
+    biased = reference.moving_averages(means, decay)[-1]
+    debiased = reference.moving_averages(means, decay, zero_debias=True)[-1]
+    variance = reference.moving_averages(variances, decay, initial=1.0)[-1]  # as TF1: biased
     stats = variables["batch_stats"]
-    np.testing.assert_allclose(stats["moving_mean"], biased / (1 - decay**steps), rtol=1e-5)
+    np.testing.assert_allclose(stats["moving_mean"], debiased, rtol=1e-5)
     np.testing.assert_allclose(stats["moving_mean_biased"], biased, rtol=1e-5)
     np.testing.assert_allclose(stats["moving_variance"], variance, rtol=1e-5)
     assert int(stats["num_updates"]) == steps and stats["num_updates"].dtype == jnp.int32
     # The debiased mean is close to the data's mean already; the plain EMA is not.
     assert np.all(np.abs(stats["moving_mean"] - 4.0) < 1.5)
-
-
-def np_renorm_reference(
-    batches, gamma, beta, *, decay, renorm_decay, epsilon, clipping, mean0=0.0, variance0=1.0
-):
-    """TF1 / Keras renorm in float64, from the paper's and TF's update rules.
-
-    Returns the training outputs, the inference outputs with the statistics before each step,
-    whether r / d were clipped per step, and the final statistics by variable name.
-    """
-    shape = np.shape(gamma)
-    moving_mean = np.full(shape, mean0)
-    # Keras: every stddev starts at sqrt(moving-variance initializer), renorm_mean at the mean's.
-    moving_stddev = np.full(shape, np.sqrt(variance0))
-    renorm_mean, renorm_stddev = moving_mean.copy(), moving_stddev.copy()
-    clipping = clipping or {}
-    outputs, inference, clipped = [], [], []
-    for x in batches:
-        reduce_axes = tuple(range(x.ndim - 1))
-        mean, var, _ = np_moments(x, reduce_axes)
-        mean, var = mean.ravel(), var.ravel()
-        sigma = np.sqrt(var + epsilon)
-        moving_variance = np.maximum(moving_stddev**2 - epsilon, 0)
-        inference.append(np_normalize(x, moving_mean, moving_variance, beta, gamma, epsilon))
-        safe_renorm_stddev = np.maximum(renorm_stddev, np.sqrt(epsilon))
-        r_raw = sigma / safe_renorm_stddev
-        d_raw = (mean - renorm_mean) / safe_renorm_stddev
-        r = np.clip(r_raw, clipping.get("rmin", -np.inf), clipping.get("rmax", np.inf))
-        d = np.clip(d_raw, -clipping.get("dmax", np.inf), clipping.get("dmax", np.inf))
-        clipped.append((np.any(r != r_raw), np.any(d != d_raw)))
-        outputs.append(((x - mean) / sigma * r + d) * gamma + beta)
-        renorm_mean = renorm_decay * renorm_mean + (1 - renorm_decay) * mean
-        renorm_stddev = renorm_decay * renorm_stddev + (1 - renorm_decay) * sigma
-        moving_mean = decay * moving_mean + (1 - decay) * mean
-        moving_stddev = decay * moving_stddev + (1 - decay) * sigma
-    stats = {
-        "renorm_mean": renorm_mean,
-        "renorm_stddev": renorm_stddev,
-        "moving_mean": moving_mean,
-        "moving_stddev": moving_stddev,
-        "moving_variance": np.maximum(moving_stddev**2 - epsilon, 0),
-    }
-    return outputs, inference, clipped, stats
 
 
 def test_renorm_against_paper_formulas_with_clipping():
@@ -317,7 +215,7 @@ def test_renorm_against_paper_formulas_with_clipping():
     variables = module.init(jax.random.key(0), batches[0], is_training=False)
     variables = {**variables, "params": {"beta": beta, "gamma": gamma}}
     outputs, variables = train_steps(module, batches, variables)
-    want, _, clipped, stats = np_renorm_reference(
+    want, _, clipped, stats = reference.renorm_training(
         batches,
         gamma,
         beta,
@@ -368,26 +266,32 @@ def test_ghost_batches(fused):
     means, variances = [], []
     for g in range(3):
         part = x[g * ghost : (g + 1) * ghost]
-        mean, var, _ = np_moments(part, (0, 2, 3))
+        mean, var, _ = reference.moments(part, (0, 2, 3))
         np.testing.assert_allclose(
             y[g * ghost : (g + 1) * ghost],
-            np_normalize(part, mean, var, 0, None, epsilon),
+            reference.normalize(part, mean, var, 0, None, epsilon),
             **F32_TOL,
         )
         means.append(mean.ravel())
         variances.append(var.ravel())
     stats = variables["batch_stats"]
+    # Ghost batches of equal size pool with equal weights.
     np.testing.assert_allclose(
-        stats["moving_mean"], (1 - decay) * np.mean(means, 0), rtol=1e-5, atol=1e-6
+        stats["moving_mean"],
+        reference.moving_average(0.0, np.mean(means, 0), decay),
+        rtol=1e-5,
+        atol=1e-6,
     )
     np.testing.assert_allclose(
-        stats["moving_variance"], decay + (1 - decay) * np.mean(variances, 0), rtol=1e-5
+        stats["moving_variance"],
+        reference.moving_average(1.0, np.mean(variances, 0), decay),
+        rtol=1e-5,
     )
     # Inference ignores ghost batches and accepts any batch size.
     x_eval = x[:4]
     np.testing.assert_allclose(
         module.apply(variables, x_eval, is_training=False),
-        np_normalize(
+        reference.normalize(
             x_eval,
             np.asarray(stats["moving_mean"]).reshape(1, 2, 1, 1),
             np.asarray(stats["moving_variance"]).reshape(1, 2, 1, 1),
@@ -418,24 +322,25 @@ def test_ghost_batches_with_mask_weight_the_update_by_counts(fused, as_weights):
     counts, means, variances = [], [], []
     for g in range(2):  # the third ghost batch is fully masked
         rows = slice(3 * g, 3 * g + 3)
-        mean, var, count = np_moments(x[rows], (0,), mask[rows, None])
+        mean, var, count = reference.moments(x[rows], (0,), mask[rows, None])
         np.testing.assert_allclose(
             y[rows][mask[rows]],
-            np_normalize(x[rows], mean, var, 0, None, 1e-3)[mask[rows]],
+            reference.normalize(x[rows], mean, var, 0, None, 1e-3)[mask[rows]],
             **F32_TOL,
         )
         counts.append(count.ravel())
         means.append(mean.ravel())
         # Unbiased per ghost batch; a single counted example has variance 0 either way.
-        variances.append(var.ravel() * (count.ravel() / np.maximum(count.ravel() - 1, 1)))
-    counts = np.array(counts)
+        variances.append(reference.unbiased_variance(var.ravel(), count.ravel()))
     stats = variables["batch_stats"]
     np.testing.assert_allclose(
-        stats["moving_mean"], (1 - decay) * np.sum(counts * means, 0) / counts.sum(0), rtol=1e-5
+        stats["moving_mean"],
+        reference.moving_average(0.0, reference.pooled(counts, means), decay),
+        rtol=1e-5,
     )
     np.testing.assert_allclose(
         stats["moving_variance"],
-        decay + (1 - decay) * np.sum(counts * variances, 0) / counts.sum(0),
+        reference.moving_average(1.0, reference.pooled(counts, variances), decay),
         rtol=1e-5,
     )
 
@@ -450,14 +355,15 @@ def test_ghost_batches_with_renorm_use_per_ghost_corrections():
     sigmas = []
     for g in range(2):
         part = x[2 * g : 2 * g + 2]
-        mean, var, _ = np_moments(part, (0,))
-        sigma = np.sqrt(var + 1e-3)
-        r = np.minimum(sigma, clipping["rmax"])  # renorm_stddev starts at 1, renorm_mean at 0
-        d = np.clip(mean, -0.5, 0.5)
-        np.testing.assert_allclose(y[2 * g : 2 * g + 2], (part - mean) / sigma * r + d, **F32_TOL)
-        sigmas.append(sigma.ravel())
+        # renorm_stddev starts at 1, renorm_mean at 0.
+        want, _, _ = reference.batch_renorm(part, (0,), 0.0, 1.0, 0.0, 1.0, 1e-3, **clipping)
+        np.testing.assert_allclose(y[2 * g : 2 * g + 2], want, **F32_TOL)
+        _, var, _ = reference.moments(part, (0,), keepdims=False)
+        sigmas.append(np.sqrt(var + 1e-3))
     np.testing.assert_allclose(
-        variables["batch_stats"]["renorm_stddev"], 0.5 + 0.5 * np.mean(sigmas, 0), rtol=1e-5
+        variables["batch_stats"]["renorm_stddev"],
+        reference.moving_average(1.0, np.mean(sigmas, 0), 0.5),
+        rtol=1e-5,
     )
 
 
@@ -468,15 +374,17 @@ def test_batch_weights_give_weighted_statistics():
     weights = np.array([1.0, 2.0, 0.0, 0.5, 3.0, 1.0], np.float32)
     x[2] = np.nan  # weight 0: must not reach the statistics
     (y,), variables = train_steps(module, [x], batch_weights=weights)
-    mean, var, _ = np_moments(x, (0, 1), weights[:, None, None])
+    mean, var, _ = reference.moments(x, (0, 1), weights[:, None, None])
     valid = weights > 0
     np.testing.assert_allclose(
-        y[valid], np_normalize(x, mean, var, 0, None, epsilon)[valid], **F32_TOL
+        y[valid], reference.normalize(x, mean, var, 0, None, epsilon)[valid], **F32_TOL
     )
     stats = variables["batch_stats"]
-    np.testing.assert_allclose(stats["moving_mean"], (1 - decay) * mean.ravel(), rtol=1e-5)
     np.testing.assert_allclose(
-        stats["moving_variance"], decay + (1 - decay) * var.ravel(), rtol=1e-5
+        stats["moving_mean"], reference.moving_average(0.0, mean.ravel(), decay), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        stats["moving_variance"], reference.moving_average(1.0, var.ravel(), decay), rtol=1e-5
     )
     # Integer frequency weights equal repeating the examples.
     counts = np.array([1, 2, 1, 0, 3, 1])
@@ -501,21 +409,25 @@ def test_mask_per_example_and_elementwise(fused):
     x_padded = x.copy()
     x_padded[~example_mask] = np.nan
     (y,), variables = train_steps(module, [x_padded], mask=example_mask)
-    mean, var, _ = np_moments(x, (0, 2), example_mask[:, None, None])
+    mean, var, _ = reference.moments(x, (0, 2), example_mask[:, None, None])
     np.testing.assert_allclose(
-        y[example_mask], np_normalize(x, mean, var, 0, None, epsilon)[example_mask], **F32_TOL
+        y[example_mask],
+        reference.normalize(x, mean, var, 0, None, epsilon)[example_mask],
+        **F32_TOL,
     )
     np.testing.assert_allclose(
-        variables["batch_stats"]["moving_mean"], (1 - decay) * mean.ravel(), rtol=1e-5
+        variables["batch_stats"]["moving_mean"],
+        reference.moving_average(0.0, mean.ravel(), decay),
+        rtol=1e-5,
     )
     # Elementwise mask (e.g. padded sequence positions), broadcast over features.
     element_mask = np.random.default_rng(2).uniform(size=(5, 1, 4)) > 0.4
     (y,), variables = train_steps(module, [x], mask=element_mask)
-    mean, var, _ = np_moments(x, (0, 2), element_mask)
-    np.testing.assert_allclose(y, np_normalize(x, mean, var, 0, None, epsilon), **F32_TOL)
+    mean, var, _ = reference.moments(x, (0, 2), element_mask)
+    np.testing.assert_allclose(y, reference.normalize(x, mean, var, 0, None, epsilon), **F32_TOL)
     np.testing.assert_allclose(
         variables["batch_stats"]["moving_variance"],
-        decay + (1 - decay) * var.ravel(),
+        reference.moving_average(1.0, var.ravel(), decay),
         rtol=1e-5,
     )
 
@@ -526,8 +438,10 @@ def test_mask_combined_with_batch_weights_and_all_masked_batch():
     weights = np.array([1.0, 2.0, 3.0, 4.0])
     mask = np.array([True, True, False, True])
     (_,), variables = train_steps(module, [x], batch_weights=weights, mask=mask)
-    mean, _, _ = np_moments(x, (0,), (weights * mask)[:, None])
-    np.testing.assert_allclose(variables["batch_stats"]["moving_mean"], 0.5 * mean.ravel())
+    mean, _, _ = reference.moments(x, (0,), (weights * mask)[:, None])
+    np.testing.assert_allclose(
+        variables["batch_stats"]["moving_mean"], reference.moving_average(0.0, mean.ravel(), 0.5)
+    )
     # A batch with nothing counted leaves the moving statistics as they were.
     module = jbn.BatchNorm(decay=0.5, zero_debias_moving_mean=True)
     (_,), variables = train_steps(module, [x], mask=np.zeros(4, bool))
@@ -555,12 +469,16 @@ def test_trainable_false_freezes_params_but_statistics_still_update():
     assert np.all(np.asarray(frozen_grads["gamma"]) == 0)
     # The trainable module's gradient is not zero (so the check above can fail).
     np.testing.assert_allclose(results[True][0]["beta"], cotangent.sum(0), rtol=1e-5)
-    mean, var, _ = np_moments(x, (0,))
+    mean, var, _ = reference.moments(x, (0,))
     np.testing.assert_allclose(
-        frozen_updates["batch_stats"]["moving_mean"], 0.5 * mean.ravel(), rtol=1e-5
+        frozen_updates["batch_stats"]["moving_mean"],
+        reference.moving_average(0.0, mean.ravel(), 0.5),
+        rtol=1e-5,
     )
     np.testing.assert_allclose(
-        frozen_updates["batch_stats"]["moving_variance"], 0.5 + 0.5 * var.ravel(), rtol=1e-5
+        frozen_updates["batch_stats"]["moving_variance"],
+        reference.moving_average(1.0, var.ravel(), 0.5),
+        rtol=1e-5,
     )
 
 
@@ -571,9 +489,11 @@ def test_activation_fn_applies_to_the_normalized_output():
     params = {"beta": jnp.array([0.5, -0.5, 0.0]), "gamma": jnp.array([2.0, 1.0, -1.0])}
     variables = {**variables, "params": params}
     y, _ = module.apply(variables, x, is_training=True, mutable=["batch_stats"])
-    mean, var, _ = np_moments(x, (0,))
+    mean, var, _ = reference.moments(x, (0,))
     expected = np.maximum(
-        np_normalize(x, mean, var, np.asarray(params["beta"]), np.asarray(params["gamma"]), 1e-3),
+        reference.normalize(
+            x, mean, var, np.asarray(params["beta"]), np.asarray(params["gamma"]), 1e-3
+        ),
         0,
     )
     np.testing.assert_allclose(y, expected, **F32_TOL)
@@ -601,7 +521,7 @@ def test_param_initializers():
     np.testing.assert_array_equal(variables["batch_stats"]["moving_variance"], np.full(5, 9.0))
     np.testing.assert_allclose(
         module.apply(variables, x, is_training=False),
-        (x + 2.0) / np.sqrt(9.0 + 1e-3) * 3.0 + 0.25,
+        reference.normalize(x, -2.0, 9.0, 0.25, 3.0, 1e-3),
         **F32_TOL,
     )
     # Random initializers draw from the params RNG.
@@ -645,15 +565,15 @@ def test_unbiased_moving_variance_like_pytorch():
     module = jbn.BatchNorm(decay=decay, unbiased_moving_variance=True)
     x = random_batches((4, 3, 2), steps=1)[0]
     (y,), variables = train_steps(module, [x])
-    mean, var, _ = np_moments(x, (0, 1))
+    mean, var, _ = reference.moments(x, (0, 1))
     n = 4 * 3
     np.testing.assert_allclose(
         variables["batch_stats"]["moving_variance"],
-        decay + (1 - decay) * var.ravel() * n / (n - 1),
+        reference.moving_average(1.0, reference.unbiased_variance(var.ravel(), n), decay),
         rtol=1e-5,
     )
     # Training still normalizes with the biased variance.
-    np.testing.assert_allclose(y, np_normalize(x, mean, var, 0, None, 1e-3), **F32_TOL)
+    np.testing.assert_allclose(y, reference.normalize(x, mean, var, 0, None, 1e-3), **F32_TOL)
     # Renorm's moving stddev tracks the biased sqrt(var + epsilon) that normalizes the batch.
     renorm = jbn.BatchNorm(
         decay=decay, renorm=True, renorm_decay=0.5, unbiased_moving_variance=True
@@ -661,18 +581,18 @@ def test_unbiased_moving_variance_like_pytorch():
     (_,), renorm_variables = train_steps(renorm, [x])
     np.testing.assert_allclose(
         renorm_variables["batch_stats"]["renorm_stddev"],
-        0.5 + 0.5 * np.sqrt(var.ravel() + 1e-3),
+        reference.moving_average(1.0, np.sqrt(var.ravel() + 1e-3), 0.5),
         rtol=1e-5,
     )
     # With an elementwise mask, n counts the unmasked elements of each feature.
     mask = np.ones((4, 3, 2), bool)
     mask[0, :, 1] = False
     (_,), variables = train_steps(module, [x], mask=mask)
-    _, var, count = np_moments(x, (0, 1), mask)
+    _, var, count = reference.moments(x, (0, 1), mask)
     count = count.ravel()
     np.testing.assert_allclose(
         variables["batch_stats"]["moving_variance"],
-        decay + (1 - decay) * var.ravel() * count / (count - 1),
+        reference.moving_average(1.0, reference.unbiased_variance(var.ravel(), count), decay),
         rtol=1e-5,
     )
 
@@ -720,13 +640,17 @@ def test_bfloat16_large_offset(offset):
     stats = variables["batch_stats"]
     assert stats["moving_mean"].dtype == stats["moving_variance"].dtype == jnp.float32
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    mean, var, _ = np_moments(x64, (0, 1, 2))
-    np.testing.assert_allclose(stats["moving_mean"], (1 - decay) * mean.ravel(), rtol=1e-6)
-    np.testing.assert_allclose(stats["moving_variance"], decay + (1 - decay) * var.ravel(), 1e-4)
+    mean, var, _ = reference.moments(x64, (0, 1, 2))
+    np.testing.assert_allclose(
+        stats["moving_mean"], reference.moving_average(0.0, mean.ravel(), decay), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        stats["moving_variance"], reference.moving_average(1.0, var.ravel(), decay), 1e-4
+    )
     y32 = np.asarray(y.astype(jnp.float32))
     assert np.all(np.isfinite(y32))
     # One bf16 rounding of a value of order 1-3.
-    np.testing.assert_allclose(y32, np_normalize(x64, mean, var, 0, 1, 1e-3), atol=0.03)
+    np.testing.assert_allclose(y32, reference.normalize(x64, mean, var, 0, 1, 1e-3), atol=0.03)
     y_eval = module.apply(variables, x, is_training=False)
     assert y_eval.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y_eval, np.float32)))
 
@@ -736,9 +660,9 @@ def test_dtype_sets_the_output_dtype():
     module = jbn.BatchNorm(dtype=jnp.bfloat16)
     (y,), _ = train_steps(module, [x])
     assert y.dtype == jnp.bfloat16
-    mean, var, _ = np_moments(x, (0,))
+    mean, var, _ = reference.moments(x, (0,))
     np.testing.assert_allclose(
-        np.asarray(y, np.float32), np_normalize(x, mean, var, 0, None, 1e-3), atol=0.02
+        np.asarray(y, np.float32), reference.normalize(x, mean, var, 0, None, 1e-3), atol=0.02
     )
     # A wider output dtype computes from the upcast input.
     module = jbn.BatchNorm(dtype=jnp.float32)
@@ -841,7 +765,7 @@ def test_renorm_training_inference_and_statistics_follow_tf1_over_steps(clipping
         y, updates = step(variables, x)
         variables = {**variables, **updates}
         outputs.append(y)
-    want, want_inference, clipped, stats = np_renorm_reference(
+    want, want_inference, clipped, stats = reference.renorm_training(
         batches,
         gamma,
         beta,
@@ -956,8 +880,12 @@ def test_is_training_must_be_a_bool():
         _, updates = module.apply(variables, x, is_training=flag, mutable=["batch_stats"])
         np.testing.assert_array_equal(updates["batch_stats"]["moving_mean"], np.zeros(3))
     _, updates = module.apply(variables, x, is_training=np.bool_(True), mutable=["batch_stats"])
-    mean, _, _ = np_moments(x, (0,))
-    np.testing.assert_allclose(updates["batch_stats"]["moving_mean"], 0.5 * mean.ravel(), rtol=1e-6)
+    mean, _, _ = reference.moments(x, (0,))
+    np.testing.assert_allclose(
+        updates["batch_stats"]["moving_mean"],
+        reference.moving_average(0.0, mean.ravel(), 0.5),
+        rtol=1e-6,
+    )
 
 
 def test_numpy_integer_virtual_batch_size_equals_python_int():
@@ -966,12 +894,12 @@ def test_numpy_integer_virtual_batch_size_equals_python_int():
     for size in (2, np.int64(2)):
         (y,), variables = train_steps(jbn.BatchNorm(decay=0.5, virtual_batch_size=size), [x])
         outputs[type(size).__name__] = (y, variables["batch_stats"]["moving_variance"])
-    ghosts = x.reshape(4, 2, 3)
-    mean, var = ghosts.mean(1, keepdims=True), ghosts.var(1, keepdims=True)
-    want = ((ghosts - mean) / np.sqrt(var + 1e-3)).reshape(x.shape)
+    want, _, var = reference.batch_norm(x.reshape(4, 2, 3), 1, None, None, 1e-3)
     for y, moving_variance in outputs.values():
-        np.testing.assert_allclose(y, want, **F32_TOL)
-        np.testing.assert_allclose(moving_variance, 0.5 + 0.5 * var.mean((0, 1)), rtol=1e-5)
+        np.testing.assert_allclose(y, want.reshape(x.shape), **F32_TOL)
+        np.testing.assert_allclose(
+            moving_variance, reference.moving_average(1.0, var.mean((0, 1)), 0.5), rtol=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -983,15 +911,19 @@ def test_decay_none_is_the_cumulative_average(renorm):
     module = jbn.BatchNorm(decay=None, renorm=renorm, epsilon=1e-3)
     batches = random_batches((6, 4), steps=4, loc=3.0)
     _, variables = train_steps(module, batches)
-    means = [x.astype(np.float64).mean(0) for x in batches]
-    variances = [x.astype(np.float64).var(0) for x in batches]
+    means, variances, _ = zip(*(reference.moments(x, 0, keepdims=False) for x in batches))
     stats = variables["batch_stats"]
-    np.testing.assert_allclose(stats["moving_mean"], np.mean(means, 0), rtol=1e-5)
+    np.testing.assert_allclose(
+        stats["moving_mean"], reference.moving_averages(means, None)[-1], rtol=1e-5
+    )
     if renorm:  # TF1: the averaged quantity is sqrt(var + eps)
-        stddev = np.mean([np.sqrt(v + 1e-3) for v in variances], 0)
+        stddevs = [np.sqrt(v + 1e-3) for v in variances]
+        stddev = reference.moving_averages(stddevs, None)[-1]
         np.testing.assert_allclose(stats["moving_variance"], stddev**2 - 1e-3, rtol=1e-5)
     else:
-        np.testing.assert_allclose(stats["moving_variance"], np.mean(variances, 0), rtol=1e-5)
+        np.testing.assert_allclose(
+            stats["moving_variance"], reference.moving_averages(variances, None)[-1], rtol=1e-5
+        )
     assert int(stats["num_updates"]) == 4
 
 
