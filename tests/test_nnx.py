@@ -3,6 +3,8 @@ and the NNX transforms (nnx.jit + nnx.Optimizer, nnx.grad, nnx.vmap)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import pathlib
 import re
 
@@ -251,6 +253,15 @@ def test_constructor_checks_are_those_of_linen():
         model(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="num_features"):
         model(np.ones((2, 4), np.float32), use_running_average=True)
+
+
+def test_both_modules_take_every_layer_argument_with_the_same_default():
+    linen_defaults = {field.name: field.default for field in dataclasses.fields(jbn.BatchNorm)}
+    nnx_parameters = inspect.signature(jbn.nnx.BatchNorm.__init__).parameters
+    assert "decay" in jbn.layer.LAYER_ARGUMENTS and "unbiased_moving_variance" in nnx_parameters
+    for name in jbn.layer.LAYER_ARGUMENTS:
+        assert nnx_parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert nnx_parameters[name].default == linen_defaults[name], name
 
 
 def test_readme_nnx_example_runs():
