@@ -85,9 +85,10 @@ def batch_norm_vjp(
     `weights` per row (0: padding, which reaches nothing); statistics per group of
     `virtual_batch_size` rows (all rows if None). With `renorm_statistics=(mean, stddev)` the
     output is (x_hat * r + d) * scale + offset with r and d constants (`renorm_correction`,
-    clipped by `clipping`, a dict of rmin/rmax/dmax). With xhat = (x - mean) / sigma and
-    g = dy * scale * r, the input gradient is (g - E_w[g] - xhat E_w[g xhat]) / sigma.
-    Returns (y, dx, dscale, doffset); y is 0 on padding rows.
+    clipped by `clipping`, a dict of rmin/rmax/dmax). With xhat = (x - mean) / sigma,
+    g = dy * scale * r (dy zeroed on padding) and N = sum(w), the input gradient is
+    dx = (g - w sum(g) / N - w xhat sum(g xhat) / N) / sigma.
+    Returns (y, dx, dscale, doffset); y on padding rows means nothing (compare counted rows).
     """
     x = as64(x)
     w = as64(weights)[:, None]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from jbn_testing import padded_batch
+from jbn_testing import init_variables, padded_batch
 
 import jbn
 
@@ -150,7 +150,7 @@ def test_module(path, padding):
     kwargs, how = MODULE_PATHS[path]
     x, mask, weights, gamma, beta, dy = padded_batch(padding)
     module = jbn.BatchNorm(decay=0.5, scale=True, epsilon=EPS, **kwargs)
-    variables = module.init(jax.random.key(0), x, is_training=False)
+    variables = init_variables(module, x)
     stats = variables["batch_stats"]
     call = {"mask": mask} if how == "mask" else {"batch_weights": weights}
 

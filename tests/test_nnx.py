@@ -15,7 +15,7 @@ import optax
 import pytest
 import reference
 from flax import nnx
-from jbn_testing import F32_TOL, random_batches
+from jbn_testing import F32_TOL, init_variables, random_batches
 
 import jbn
 
@@ -41,7 +41,7 @@ def test_same_outputs_statistics_and_gradients_as_linen(mode):
     shape = (8, 3, 2, 3)
     xs = random_batches(shape, steps=3)
     linen = jbn.BatchNorm(**kwargs)
-    variables = linen.init(jax.random.key(0), xs[0], is_training=False)
+    variables = init_variables(linen, xs[0])
     axes = jbn.layer.feature_axes(len(shape), kwargs.get("data_format"), kwargs.get("axis"))
     features = tuple(shape[a] for a in axes)
     model = jbn.nnx.BatchNorm(
