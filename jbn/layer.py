@@ -7,6 +7,7 @@ once, so both modules give identical numbers and identical errors.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ from jbn.running import STATS_DTYPE, BatchStatistics
 from jbn.stats import statistics
 
 __all__ = [
+    "LAYER_ARGUMENTS",
     "LayerOptions",
     "feature_axes",
     "finish",
@@ -178,6 +180,11 @@ def layer_options(
         axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
         axis_index_groups=groups,
     )
+
+
+# The constructor arguments both modules hand to `layer_options`: its keyword parameters, so the
+# list and the checks cannot drift apart.
+LAYER_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(layer_options).parameters)
 
 
 def feature_axes(ndim: int, data_format: str | None, axis) -> tuple[int, ...]:

@@ -192,7 +192,7 @@ class BatchNorm(nn.Module):
         super().__post_init__()
 
     def _options(self) -> layer.LayerOptions:
-        return layer.layer_options(**{name: getattr(self, name) for name in LAYER_ARGUMENTS})
+        return layer.layer_options(**{name: getattr(self, name) for name in layer.LAYER_ARGUMENTS})
 
     def _running_rule(self) -> running.RunningStatisticsUpdate:
         return running.running_statistics(
@@ -350,29 +350,3 @@ class BatchNorm(nn.Module):
             for field, shape in shapes._asdict().items()
             if shape is not None
         }
-
-
-# The constructor arguments that `jbn.layer.layer_options` checks.
-LAYER_ARGUMENTS = (
-    "decay",
-    "center",
-    "scale",
-    "epsilon",
-    "activation_fn",
-    "param_initializers",
-    "param_regularizers",
-    "trainable",
-    "fused",
-    "data_format",
-    "axis",
-    "zero_debias_moving_mean",
-    "renorm",
-    "renorm_clipping",
-    "renorm_decay",
-    "virtual_batch_size",
-    "axis_name",
-    "axis_index_groups",
-    "dtype",
-    "param_dtype",
-    "unbiased_moving_variance",
-)

@@ -100,30 +100,9 @@ class BatchNorm(nnx.Module):
         unbiased_moving_variance: bool = False,
         rngs: nnx.Rngs,
     ):
+        arguments = dict(locals())  # before any other name is bound: the constructor's arguments
         self.options = nnx.static(
-            layer.layer_options(
-                decay=decay,
-                center=center,
-                scale=scale,
-                epsilon=epsilon,
-                activation_fn=activation_fn,
-                param_initializers=param_initializers,
-                param_regularizers=param_regularizers,
-                trainable=trainable,
-                fused=fused,
-                data_format=data_format,
-                axis=axis,
-                zero_debias_moving_mean=zero_debias_moving_mean,
-                renorm=renorm,
-                renorm_clipping=renorm_clipping,
-                renorm_decay=renorm_decay,
-                virtual_batch_size=virtual_batch_size,
-                axis_name=axis_name,
-                axis_index_groups=axis_index_groups,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                unbiased_moving_variance=unbiased_moving_variance,
-            )
+            layer.layer_options(**{name: arguments[name] for name in layer.LAYER_ARGUMENTS})
         )
         if use_running_average is not None:
             _checks.as_bool(use_running_average, "use_running_average")

@@ -1,6 +1,7 @@
 """Masked-out elements may hold anything (NaN, Inf): they reach no output but their own, no
 statistic and no gradient, in every path (fused, composite, ghost, renorm, weighted; core and
-module). References: the closed-form batch-norm gradient in float64 numpy over counted rows."""
+module). Reference: the closed-form batch-norm gradient in float64 numpy over counted rows
+(`reference.batch_norm_vjp`)."""
 
 from __future__ import annotations
 
@@ -8,60 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
+from jbn_testing import init_variables, padded_batch
 
 import jbn
 
 EPS = 1e-3
-BATCH, FEATURES = 8, 3
 PADDING = [np.nan, np.inf, -np.inf]
+CLIPPING = {"rmin": 0.8, "rmax": 1.25, "dmax": 0.5}
 
 
-def np_reference(x, weights, gamma, beta, dy, *, ghost=None, renorm_stats=None, clip=None):
-    """float64 outputs (counted rows) and gradients of sum(dy * y) over counted rows.
-
-    `weights` per row (0 = padding); statistics per group of `ghost` rows (all rows if None);
-    with `renorm_stats=(mu, sigma)` the output is ((x - m) / s * r + d) * gamma + beta with r, d
-    constants (clipped by `clip=(rmin, rmax, dmax)`).
-    """
-    x = np.asarray(x, np.float64)
-    w = np.asarray(weights, np.float64)[:, None]
-    dy = np.where(w > 0, np.asarray(dy, np.float64), 0.0)
-    ghost = ghost or len(x)
-    y, dx = np.zeros_like(x), np.zeros_like(x)
-    dgamma, dbeta = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    for start in range(0, len(x), ghost):
-        rows = slice(start, start + ghost)
-        xs, ws, g = np.where(w[rows] > 0, x[rows], 0.0), w[rows], dy[rows]
-        total = ws.sum(0)
-        mean = (ws * xs).sum(0) / total
-        var = (ws * (xs - mean) ** 2).sum(0) / total
-        sigma = np.sqrt(var + EPS)
-        xhat = (xs - mean) / sigma
-        r, d = np.ones_like(mean), np.zeros_like(mean)
-        if renorm_stats is not None:
-            mu, running = renorm_stats
-            r, d = sigma / running, (mean - mu) / running
-            if clip is not None:
-                r, d = np.clip(r, clip[0], clip[1]), np.clip(d, -clip[2], clip[2])
-        y[rows] = (xhat * r + d) * gamma + beta
-        dgamma += (g * (xhat * r + d)).sum(0)
-        dbeta += g.sum(0)
-        dxhat = g * gamma * r
-        dx[rows] = dxhat - ws * dxhat.sum(0) / total - ws * xhat * (dxhat * xhat).sum(0) / total
-        dx[rows] /= sigma
-    return y, dx, dgamma, dbeta
-
-
-def data(padding):
-    rng = np.random.default_rng(0)
-    x = (1.0 + 2.0 * rng.standard_normal((BATCH, FEATURES))).astype(np.float32)
-    mask = np.array([True, True, False, True, True, True, False, True])
-    x[~mask] = padding
-    weights = mask * rng.uniform(0.5, 2.0, BATCH)
-    gamma = rng.uniform(0.5, 2.0, FEATURES).astype(np.float32)
-    beta = rng.standard_normal(FEATURES).astype(np.float32)
-    dy = rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
-    return x, mask, weights.astype(np.float32), gamma, beta, dy
+def reference_vjp(x, counted, gamma, beta, dy, **kwargs):
+    """The float64 outputs and gradients of batch norm over the counted rows."""
+    return reference.batch_norm_vjp(x, counted, gamma, beta, dy, EPS, **kwargs)
 
 
 def check(normalize, x, mask, gamma, beta, dy, want, atol=1e-5):
@@ -83,7 +43,7 @@ def check(normalize, x, mask, gamma, beta, dy, want, atol=1e-5):
 
 @pytest.mark.parametrize("padding", PADDING)
 def test_fused(padding):
-    x, mask, _, gamma, beta, dy = data(padding)
+    x, mask, _, gamma, beta, dy = padded_batch(padding)
     check(
         lambda x, g, b: jbn.fused_batch_norm(x, g, b, epsilon=EPS, mask=mask[:, None])[0],
         x,
@@ -91,13 +51,13 @@ def test_fused(padding):
         gamma,
         beta,
         dy,
-        np_reference(x, mask, gamma, beta, dy),
+        reference_vjp(x, mask, gamma, beta, dy),
     )
 
 
 @pytest.mark.parametrize("padding", PADDING)
 def test_fused_ill_conditioned_branch(padding):
-    x, mask, _, gamma, beta, dy = data(padding)
+    x, mask, _, gamma, beta, dy = padded_batch(padding)
     x = np.where(mask[:, None], x + 1e3, x).astype(np.float32)  # |mean| >> std: two passes
     check(
         lambda x, g, b: jbn.fused_batch_norm(x, g, b, epsilon=EPS, mask=mask[:, None])[0],
@@ -106,36 +66,36 @@ def test_fused_ill_conditioned_branch(padding):
         gamma,
         beta,
         dy,
-        np_reference(x, mask, gamma, beta, dy),
+        reference_vjp(x, mask, gamma, beta, dy),
         atol=1e-4,  # float32 round-off of x near 1e3
     )
 
 
 @pytest.mark.parametrize("padding", PADDING)
 def test_composite(padding):
-    x, mask, _, gamma, beta, dy = data(padding)
+    x, mask, _, gamma, beta, dy = padded_batch(padding)
 
     def normalize(x, gamma, beta):
         mean, var = jbn.moments(x, 0, mask=mask[:, None])
         return jbn.batch_normalization(x, mean, var, beta, gamma, EPS, mask=mask[:, None])
 
-    check(normalize, x, mask, gamma, beta, dy, np_reference(x, mask, gamma, beta, dy))
+    check(normalize, x, mask, gamma, beta, dy, reference_vjp(x, mask, gamma, beta, dy))
 
 
 @pytest.mark.parametrize("padding", PADDING)
 def test_weighted(padding):
-    x, mask, weights, gamma, beta, dy = data(padding)
+    x, mask, weights, gamma, beta, dy = padded_batch(padding)
 
     def normalize(x, gamma, beta):
         mean, var = jbn.weighted_moments(x, 0, weights[:, None])
         return jbn.batch_normalization(x, mean, var, beta, gamma, EPS, mask=mask[:, None])
 
-    check(normalize, x, mask, gamma, beta, dy, np_reference(x, weights, gamma, beta, dy))
+    check(normalize, x, mask, gamma, beta, dy, reference_vjp(x, weights, gamma, beta, dy))
 
 
 @pytest.mark.parametrize("padding", PADDING)
 def test_ghost(padding):
-    x, mask, _, gamma, beta, dy = data(padding)
+    x, mask, _, gamma, beta, dy = padded_batch(padding)
     check(
         lambda x, g, b: jbn.ghost_batch_norm(
             x, g, b, virtual_batch_size=4, epsilon=EPS, mask=mask[:, None]
@@ -145,16 +105,15 @@ def test_ghost(padding):
         gamma,
         beta,
         dy,
-        np_reference(x, mask, gamma, beta, dy, ghost=4),
+        reference_vjp(x, mask, gamma, beta, dy, virtual_batch_size=4),
     )
 
 
 @pytest.mark.parametrize("padding", PADDING)
 def test_renorm(padding):
-    x, mask, _, gamma, beta, dy = data(padding)
+    x, mask, _, gamma, beta, dy = padded_batch(padding)
     mu = np.array([0.5, -0.5, 1.0], np.float32)
     sigma = np.array([1.5, 2.0, 0.8], np.float32)
-    clip = (0.8, 1.25, 0.5)
     check(
         lambda x, g, b: jbn.batch_renorm(
             x,
@@ -163,9 +122,7 @@ def test_renorm(padding):
             mu,
             sigma,
             epsilon=EPS,
-            rmin=clip[0],
-            rmax=clip[1],
-            dmax=clip[2],
+            **CLIPPING,
             mask=mask[:, None],
         )[0],
         x,
@@ -173,7 +130,7 @@ def test_renorm(padding):
         gamma,
         beta,
         dy,
-        np_reference(x, mask, gamma, beta, dy, renorm_stats=(mu, sigma), clip=clip),
+        reference_vjp(x, mask, gamma, beta, dy, renorm_statistics=(mu, sigma), clipping=CLIPPING),
     )
 
 
@@ -182,7 +139,7 @@ MODULE_PATHS = {
     "composite": (dict(fused=False), "mask"),
     "ghost": (dict(virtual_batch_size=4), "mask"),
     "ghost_composite": (dict(virtual_batch_size=4, fused=False), "mask"),
-    "renorm": (dict(renorm=True, renorm_clipping={"rmax": 1.25, "rmin": 0.8, "dmax": 0.5}), "mask"),
+    "renorm": (dict(renorm=True, renorm_clipping=CLIPPING), "mask"),
     "weighted": (dict(), "batch_weights"),
 }
 
@@ -191,9 +148,9 @@ MODULE_PATHS = {
 @pytest.mark.parametrize("path", sorted(MODULE_PATHS))
 def test_module(path, padding):
     kwargs, how = MODULE_PATHS[path]
-    x, mask, weights, gamma, beta, dy = data(padding)
+    x, mask, weights, gamma, beta, dy = padded_batch(padding)
     module = jbn.BatchNorm(decay=0.5, scale=True, epsilon=EPS, **kwargs)
-    variables = module.init(jax.random.key(0), x, is_training=False)
+    variables = init_variables(module, x)
     stats = variables["batch_stats"]
     call = {"mask": mask} if how == "mask" else {"batch_weights": weights}
 
@@ -210,10 +167,18 @@ def test_module(path, padding):
     ghost = kwargs.get("virtual_batch_size")
     renorm = None
     if kwargs.get("renorm"):  # the renorm statistics start at mean 0, stddev 1
-        renorm = (np.zeros(FEATURES), np.ones(FEATURES))
-    clip = (0.8, 1.25, 0.5) if renorm else None
+        renorm = (np.zeros_like(gamma), np.ones_like(gamma))
     counted = weights if how == "batch_weights" else mask
-    want = np_reference(x, counted, gamma, beta, dy, ghost=ghost, renorm_stats=renorm, clip=clip)
+    want = reference_vjp(
+        x,
+        counted,
+        gamma,
+        beta,
+        dy,
+        virtual_batch_size=ghost,
+        renorm_statistics=renorm,
+        clipping=CLIPPING,
+    )
     check(normalize, x, mask, gamma, beta, dy, want)
     # ... and the statistics stay finite and equal those of the counted rows.
     _, updates = jax.jit(
@@ -222,7 +187,9 @@ def test_module(path, padding):
     for name, value in updates["batch_stats"].items():
         assert np.all(np.isfinite(value)), name
     if ghost is None:
-        w = counted.astype(np.float64)[:, None]
-        xs = np.where(w > 0, x, 0.0)
-        mean = (w * xs).sum(0) / w.sum(0)
-        np.testing.assert_allclose(updates["batch_stats"]["moving_mean"], 0.5 * mean, rtol=1e-5)
+        mean, _, _ = reference.moments(x, 0, counted[:, None], keepdims=False)
+        np.testing.assert_allclose(
+            updates["batch_stats"]["moving_mean"],
+            reference.moving_average(0.0, mean, decay=0.5),
+            rtol=1e-5,
+        )

@@ -3,6 +3,8 @@ and the NNX transforms (nnx.jit + nnx.Optimizer, nnx.grad, nnx.vmap)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import pathlib
 import re
 
@@ -11,20 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference
 from flax import nnx
+from jbn_testing import F32_TOL, init_variables, random_batches
 
 import jbn
-
-TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-def batches(shape, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    return [
-        (1.5 + 2.0 * rng.standard_normal(shape) * rng.uniform(0.5, 2.0)).astype(np.float32)
-        for _ in range(steps)
-    ]
-
 
 MODES = {
     "fused": (dict(), {}),
@@ -46,9 +39,9 @@ def test_same_outputs_statistics_and_gradients_as_linen(mode):
     kwargs, call = MODES[mode]
     kwargs = {"decay": 0.8, "scale": True, **kwargs}
     shape = (8, 3, 2, 3)
-    xs = batches(shape, steps=3)
+    xs = random_batches(shape, steps=3)
     linen = jbn.BatchNorm(**kwargs)
-    variables = linen.init(jax.random.key(0), xs[0], is_training=False)
+    variables = init_variables(linen, xs[0])
     axes = jbn.layer.feature_axes(len(shape), kwargs.get("data_format"), kwargs.get("axis"))
     features = tuple(shape[a] for a in axes)
     model = jbn.nnx.BatchNorm(
@@ -80,20 +73,20 @@ def test_same_outputs_statistics_and_gradients_as_linen(mode):
         )(variables["params"], variables["batch_stats"], x)
         # nnx.grad of the model and the input; the call moves the statistics in place.
         (grads, grad_x), y = nnx.grad(nnx_loss, argnums=(0, 1), has_aux=True)(model, x)
-        np.testing.assert_allclose(y, y_ref, **TOL)
-        np.testing.assert_allclose(grad_x, grad_x_ref, **TOL)
+        np.testing.assert_allclose(y, y_ref, **F32_TOL)
+        np.testing.assert_allclose(grad_x, grad_x_ref, **F32_TOL)
         for name in ("gamma", "beta"):
-            np.testing.assert_allclose(grads[name][...], param_grads_ref[name], **TOL)
+            np.testing.assert_allclose(grads[name][...], param_grads_ref[name], **F32_TOL)
         got = jbn.nnx.to_linen_variables(model)["batch_stats"]
         assert set(got) == set(stats_ref)
         for name, value in stats_ref.items():
-            np.testing.assert_allclose(got[name], value, **TOL, err_msg=name)
+            np.testing.assert_allclose(got[name], value, **F32_TOL, err_msg=name)
             assert got[name].dtype == value.dtype
         variables = {**variables, "batch_stats": stats_ref}
     # Evaluation agrees too, and moves nothing.
     model.eval()
     y_eval = model(xs[0])
-    np.testing.assert_allclose(y_eval, linen.apply(variables, xs[0], is_training=False), **TOL)
+    np.testing.assert_allclose(y_eval, linen.apply(variables, xs[0], is_training=False), **F32_TOL)
     np.testing.assert_array_equal(
         jbn.nnx.to_linen_variables(model)["batch_stats"]["moving_mean"],
         variables["batch_stats"]["moving_mean"],
@@ -125,14 +118,14 @@ def test_matches_flax_nnx_batch_norm(shape, data_format, flax_axis):
     )
     for model in (ours, theirs):
         model.train()
-    for x in batches(shape, steps=3):
-        np.testing.assert_allclose(ours(x), theirs(x), **TOL)
-    np.testing.assert_allclose(ours.moving_mean[...], theirs.mean[...], **TOL)
-    np.testing.assert_allclose(ours.moving_variance[...], theirs.var[...], **TOL)
+    for x in random_batches(shape, steps=3):
+        np.testing.assert_allclose(ours(x), theirs(x), **F32_TOL)
+    np.testing.assert_allclose(ours.moving_mean[...], theirs.mean[...], **F32_TOL)
+    np.testing.assert_allclose(ours.moving_variance[...], theirs.var[...], **F32_TOL)
     for model in (ours, theirs):
         model.eval()
-    x = batches(shape, steps=1, seed=9)[0]
-    np.testing.assert_allclose(ours(x), theirs(x), **TOL)
+    x = random_batches(shape, steps=1, seed=9)[0]
+    np.testing.assert_allclose(ours(x), theirs(x), **F32_TOL)
 
 
 class SmallNet(nnx.Module):
@@ -197,14 +190,13 @@ def test_nnx_vmap_ensemble_called_twice():
     def forward(model, x):
         return model(x)
 
-    xs = batches((members, 8, 3), steps=2)
+    xs = random_batches((members, 8, 3), steps=2)
     moving_mean = np.zeros((members, 3))
     for x in xs:  # flax#4760: the second call is where flax's own layer breaks
         y = forward(ensemble, x)
-        x64 = x.astype(np.float64)
-        mean, var = x64.mean(1, keepdims=True), x64.var(1, keepdims=True)
-        np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-3), **TOL)
-        moving_mean = decay * moving_mean + (1 - decay) * mean[:, 0]
+        want, mean, _ = reference.batch_norm(x, 1, None, None, 1e-3)
+        np.testing.assert_allclose(y, want, **F32_TOL)
+        moving_mean = reference.moving_average(moving_mean, mean[:, 0], decay)
     np.testing.assert_allclose(ensemble.moving_mean[...], moving_mean, rtol=1e-5)
 
 
@@ -228,7 +220,7 @@ class Nested(nnx.Module):
 def test_replace_flax_batch_norm_in_nested_model():
     model = Nested(nnx.Rngs(0))
     model.train()
-    xs = batches((8, 3), steps=3)
+    xs = random_batches((8, 3), steps=3)
     model(xs[0])  # move flax's statistics away from their initial values
     reference = nnx.clone(model)
     jbn.nnx.replace_flax_batch_norm(model)
@@ -261,6 +253,15 @@ def test_constructor_checks_are_those_of_linen():
         model(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="num_features"):
         model(np.ones((2, 4), np.float32), use_running_average=True)
+
+
+def test_both_modules_take_every_layer_argument_with_the_same_default():
+    linen_defaults = {field.name: field.default for field in dataclasses.fields(jbn.BatchNorm)}
+    nnx_parameters = inspect.signature(jbn.nnx.BatchNorm.__init__).parameters
+    assert "decay" in jbn.layer.LAYER_ARGUMENTS and "unbiased_moving_variance" in nnx_parameters
+    for name in jbn.layer.LAYER_ARGUMENTS:
+        assert nnx_parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert nnx_parameters[name].default == linen_defaults[name], name
 
 
 def test_readme_nnx_example_runs():

@@ -1,9 +1,11 @@
-"""Batch renormalization against the paper's formulas (Ioffe 2017) in float64 numpy."""
+"""Batch renormalization against the paper's formulas (Ioffe 2017) in float64 numpy
+(`reference.batch_renorm`)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 
 import jbn
 
@@ -21,11 +23,11 @@ def _data():
 
 
 def _paper(x, mu, sigma, gamma, beta, rmax, dmax):
-    x = x.astype(np.float64)
-    mu_b, sigma_b = x.mean(0), np.sqrt(x.var(0) + EPS)
-    r = np.clip(sigma_b / sigma, 1 / rmax, rmax)
-    d = np.clip((mu_b - mu) / sigma, -dmax, dmax)
-    return ((x - mu_b) / sigma_b * r + d) * gamma + beta, r, d
+    """Training-mode renorm with r in [1/rmax, rmax], d in [-dmax, dmax]; r, d per feature."""
+    y, r, d = reference.batch_renorm(
+        x, 0, beta, gamma, mu, sigma, EPS, rmin=1 / rmax, rmax=rmax, dmax=dmax
+    )
+    return y, r[0], d[0]
 
 
 def test_renorm_matches_paper_with_clipping_active():

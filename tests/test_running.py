@@ -1,9 +1,10 @@
-"""jbn.running against the update rules written out in float64 numpy (no Flax)."""
+"""jbn.running against the update rules written out in float64 numpy (`reference.py`, no Flax)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 
 from jbn.running import BatchStatistics, running_statistics
 
@@ -43,14 +44,12 @@ def test_exponential_and_cumulative(decay, unbiased):
         MEAN0,
         VARIANCE0,
     )
-    mean, variance = MEAN0.copy(), VARIANCE0.copy()
-    for step, b in enumerate(batches, start=1):
-        v = b.variance * b.count / (b.count - 1) if unbiased else b.variance
-        if decay is None:
-            mean, variance = mean + (b.mean - mean) / step, variance + (v - variance) / step
-        else:
-            mean = decay * mean + (1 - decay) * b.mean
-            variance = decay * variance + (1 - decay) * v
+    variances = [
+        reference.unbiased_variance(b.variance, b.count) if unbiased else b.variance
+        for b in batches
+    ]
+    mean = reference.moving_averages([b.mean for b in batches], decay, MEAN0)[-1]
+    variance = reference.moving_averages(variances, decay, VARIANCE0)[-1]
     np.testing.assert_allclose(state.mean, mean, rtol=1e-5)
     np.testing.assert_allclose(state.variance, variance, rtol=1e-5)
     if decay is None:
@@ -62,9 +61,7 @@ def test_zero_debiased_mean():
     state = run(
         running_statistics(decay, epsilon=EPS, zero_debias_mean=True), batches, MEAN0, VARIANCE0
     )
-    biased = np.zeros(3)
-    for b in batches:
-        biased = decay * biased + (1 - decay) * b.mean
+    biased = reference.moving_averages([b.mean for b in batches], decay, initial=0.0)[-1]
     np.testing.assert_allclose(state.mean_biased, biased, rtol=1e-5)
     np.testing.assert_allclose(state.mean, biased / (1 - decay**3), rtol=1e-5)
     assert int(state.num_updates) == 3
@@ -78,19 +75,14 @@ def test_renorm_as_tf1():
     np.testing.assert_allclose(state.variance, VARIANCE0 - EPS, rtol=1e-6)
     for b in batches:
         state = rule.update(state, b)
-    mean, stddev = MEAN0.copy(), np.sqrt(VARIANCE0)
-    renorm_mean, renorm_stddev = MEAN0.copy(), np.sqrt(VARIANCE0)
+    want = reference.RenormState.init(MEAN0, VARIANCE0)
     for b in batches:
-        sigma = np.sqrt(b.variance.astype(np.float64) + EPS)
-        mean = decay * mean + (1 - decay) * b.mean
-        stddev = decay * stddev + (1 - decay) * sigma
-        renorm_mean = renorm_decay * renorm_mean + (1 - renorm_decay) * b.mean
-        renorm_stddev = renorm_decay * renorm_stddev + (1 - renorm_decay) * sigma
-    np.testing.assert_allclose(state.mean, mean, rtol=1e-5)
-    np.testing.assert_allclose(state.stddev, stddev, rtol=1e-5)
-    np.testing.assert_allclose(state.variance, stddev**2 - EPS, rtol=1e-5)
-    np.testing.assert_allclose(state.renorm_mean, renorm_mean, rtol=1e-5)
-    np.testing.assert_allclose(state.renorm_stddev, renorm_stddev, rtol=1e-5)
+        want = want.update(b.mean, b.variance, decay=decay, renorm_decay=renorm_decay, epsilon=EPS)
+    np.testing.assert_allclose(state.mean, want.moving_mean, rtol=1e-5)
+    np.testing.assert_allclose(state.stddev, want.moving_stddev, rtol=1e-5)
+    np.testing.assert_allclose(state.variance, want.moving_variance(EPS), rtol=1e-5)
+    np.testing.assert_allclose(state.renorm_mean, want.renorm_mean, rtol=1e-5)
+    np.testing.assert_allclose(state.renorm_stddev, want.renorm_stddev, rtol=1e-5)
 
 
 def test_ghost_statistics_are_pooled_by_count_and_empty_features_keep_their_values():
@@ -101,14 +93,16 @@ def test_ghost_statistics_are_pooled_by_count_and_empty_features_keep_their_valu
     batch = batch._replace(count=count)
     rule = running_statistics(decay, epsilon=EPS, unbiased_variance=True)
     state = rule.update(rule.init(MEAN0, VARIANCE0), batch)
-    n = count[:, :2].astype(np.float64)
-    pooled_mean = (n * batch.mean[:, :2]).sum(0) / n.sum(0)
-    pooled_variance = (n * batch.variance[:, :2] * n / (n - 1)).sum(0) / n.sum(0)
+    n = count[:, :2]
+    pooled_mean = reference.pooled(n, batch.mean[:, :2])
+    pooled_variance = reference.pooled(n, reference.unbiased_variance(batch.variance[:, :2], n))
     np.testing.assert_allclose(
-        state.mean[:2], decay * MEAN0[:2] + (1 - decay) * pooled_mean, rtol=1e-5
+        state.mean[:2], reference.moving_average(MEAN0[:2], pooled_mean, decay), rtol=1e-5
     )
     np.testing.assert_allclose(
-        state.variance[:2], decay * VARIANCE0[:2] + (1 - decay) * pooled_variance, rtol=1e-5
+        state.variance[:2],
+        reference.moving_average(VARIANCE0[:2], pooled_variance, decay),
+        rtol=1e-5,
     )
     assert state.mean[2] == MEAN0[2] and state.variance[2] == VARIANCE0[2]
 

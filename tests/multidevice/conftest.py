@@ -1,6 +1,11 @@
 import os
+import pathlib
+import sys
 
 import pytest
+
+# The float64 reference and the shared setup live in tests/ (reference.py, jbn_testing.py).
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
 DEVICES = 4
 

@@ -1,32 +1,27 @@
 """NaN/Inf in masked-out rows stay out of outputs, statistics and gradients across 4 devices.
 
 Reference: the closed-form gradient of batch norm over the counted rows of the whole batch,
-float64 numpy (`np_reference` of tests/test_masked_padding.py).
+float64 numpy (`batch_norm_vjp` of tests/reference.py).
 """
 
 from __future__ import annotations
-
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
+from jbn_testing import padded_batch
 
 import jbn
 
 DEVICES, AXIS, EPS = 4, "batch", 1e-3
-_spec = importlib.util.spec_from_file_location(
-    "masked_padding", pathlib.Path(__file__).parents[1] / "test_masked_padding.py"
-)
-masked_padding = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(masked_padding)
+CLIPPING = {"rmin": 0.8, "rmax": 1.25, "dmax": 0.5}
 
 PATHS = {
     "fused": (dict(), "mask"),
     "composite": (dict(fused=False), "mask"),
-    "renorm": (dict(renorm=True, renorm_clipping={"rmax": 1.25, "rmin": 0.8, "dmax": 0.5}), "mask"),
+    "renorm": (dict(renorm=True, renorm_clipping=CLIPPING), "mask"),
     "weighted": (dict(), "batch_weights"),
 }
 
@@ -35,7 +30,7 @@ PATHS = {
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_masked_padding_across_devices(path, padding):
     kwargs, how = PATHS[path]
-    x, mask, weights, gamma, beta, dy = masked_padding.data(padding)
+    x, mask, weights, gamma, beta, dy = padded_batch(padding)
     module = jbn.BatchNorm(decay=0.5, scale=True, epsilon=EPS, axis_name=AXIS, **kwargs)
     stats = jbn.BatchNorm(scale=True, epsilon=EPS, **kwargs).init(
         jax.random.key(0), x, is_training=False
@@ -61,9 +56,8 @@ def test_masked_padding_across_devices(path, padding):
     )(shard(x), shard(mask), shard(counted), shard(dy), gamma, beta)
     dx, dgamma, dbeta = grads
     renorm = (np.zeros(3), np.ones(3)) if kwargs.get("renorm") else None
-    clip = (0.8, 1.25, 0.5) if renorm else None
-    want_y, want_dx, want_dgamma, want_dbeta = masked_padding.np_reference(
-        x, counted, gamma, beta, dy, renorm_stats=renorm, clip=clip
+    want_y, want_dx, want_dgamma, want_dbeta = reference.batch_norm_vjp(
+        x, counted, gamma, beta, dy, EPS, renorm_statistics=renorm, clipping=CLIPPING
     )
     y = np.asarray(y).reshape(x.shape)
     np.testing.assert_allclose(y[mask], want_y[mask], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,132 @@
+"""jbn.BatchNorm's argument checks: every bad argument gets a ValueError or TypeError naming it, at
+construction or trace time."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from jbn_testing import random_batches
+
+import jbn
+
+# ---------------------------------------------------------------------------------------------
+# Constructor arguments.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(data_format="NCWH"), ValueError, "data_format"),
+        (dict(param_initializers={"scale": jnp.ones}), ValueError, "param_initializers.*scale"),
+        (dict(param_initializers={"gamma": 1.0}), TypeError, "param_initializers"),
+        (dict(param_regularizers={"moving_mean": abs}), ValueError, "moving_mean"),
+        (dict(renorm=True, renorm_clipping={"r_max": 3.0}), ValueError, "renorm_clipping.*r_max"),
+        (dict(renorm_clipping={"rmax": 3.0}), ValueError, "renorm"),
+        (dict(decay=1.0), ValueError, "decay"),
+        (dict(renorm_decay=-0.1), ValueError, "renorm_decay"),
+        (dict(epsilon=0.0), ValueError, "epsilon"),
+        (dict(fused=True, renorm=True), ValueError, "fused"),
+        (dict(fused="yes"), TypeError, "fused"),
+        (dict(virtual_batch_size=0), ValueError, "virtual_batch_size"),
+        (dict(axis_index_groups=[[0, 1]]), ValueError, "axis_name"),
+        (dict(activation_fn="relu"), TypeError, "activation_fn"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        jbn.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(dtype=jnp.int32), TypeError, "dtype"),
+        (dict(param_dtype=jnp.int8), TypeError, "param_dtype"),
+        (dict(decay="0.9"), TypeError, "decay"),
+        (dict(epsilon="1e-3"), TypeError, "epsilon"),
+        (dict(is_training="False"), TypeError, "is_training"),
+        (dict(center="yes"), TypeError, "center"),
+        (dict(data_format="NCHW", axis=1), ValueError, "data_format.*axis"),
+        (dict(axis=1.5), TypeError, "axis must be an int or a sequence of ints"),
+        (dict(decay=None, zero_debias_moving_mean=True), ValueError, "zero_debias"),
+    ],
+)
+def test_more_bad_constructor_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        jbn.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("clipping", "error", "pattern"),
+    [
+        ({"rmin": 2.0, "rmax": 1.0}, ValueError, r"renorm_clipping\['rmin'\].*rmax"),
+        ({"dmax": -0.5}, ValueError, r"renorm_clipping\['dmax'\]"),
+        ({"rmax": float("nan")}, ValueError, r"renorm_clipping\['rmax'\]"),
+        ({"rmax": "3"}, TypeError, r"renorm_clipping\['rmax'\]"),
+        ({"rmin": None, "dmax": [1.0]}, TypeError, r"renorm_clipping\['dmax'\]"),
+    ],
+)
+def test_renorm_clipping_checked_at_construction(clipping, error, pattern):
+    with pytest.raises(error, match=pattern):
+        jbn.BatchNorm(renorm=True, renorm_clipping=clipping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and call arguments.
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 2, 2, 2, 2, 2)])
+def test_bad_input_rank(shape):
+    module = jbn.BatchNorm()
+    with pytest.raises(ValueError, match="rank"):
+        module.init(jax.random.key(0), jnp.ones(shape), is_training=False)
+
+
+def test_bad_call_arguments():
+    x = random_batches((4, 3), steps=1)[0]
+    module = jbn.BatchNorm()
+    variables = module.init(jax.random.key(0), x, is_training=False)
+    train = lambda m, x, **kw: m.apply(
+        variables, x, is_training=True, mutable=["batch_stats"], **kw
+    )
+    with pytest.raises(TypeError, match="floating"):
+        module.init(jax.random.key(0), jnp.ones((4, 3), jnp.int32), is_training=False)
+    with pytest.raises(TypeError, match="mask"):
+        train(module, x, mask=np.ones(4, np.int32))
+    with pytest.raises(ValueError, match="mask"):
+        train(module, x, mask=np.ones(5, bool))
+    with pytest.raises(ValueError, match="batch_weights"):
+        train(module, x, batch_weights=np.ones((4, 2)))
+    with pytest.raises(ValueError, match="fused"):
+        train(jbn.BatchNorm(fused=True), x, batch_weights=np.ones(4))
+    renorm = jbn.BatchNorm(renorm=True)
+    renorm_vars = renorm.init(jax.random.key(0), x, is_training=False)
+    with pytest.raises(ValueError, match="batch_weights"):
+        renorm.apply(
+            renorm_vars, x, is_training=True, mutable=["batch_stats"], batch_weights=np.ones(4)
+        )
+    with pytest.raises(TypeError, match="is_training"):
+        jax.jit(lambda flag: module.apply(variables, x, is_training=flag))(True)
+
+
+def test_is_training_must_be_a_bool():
+    x = random_batches((4, 3), steps=1)[0]
+    module = jbn.BatchNorm(decay=0.5)
+    variables = module.init(jax.random.key(0), x, is_training=False)
+    for flag in ("False", 0, 1.0, np.array([True, False])):
+        with pytest.raises(TypeError, match="is_training"):
+            module.apply(variables, x, is_training=flag, mutable=["batch_stats"])
+    # numpy and concrete jax booleans are real booleans.
+    for flag in (np.bool_(False), jnp.asarray(False)):
+        _, updates = module.apply(variables, x, is_training=flag, mutable=["batch_stats"])
+        np.testing.assert_array_equal(updates["batch_stats"]["moving_mean"], np.zeros(3))
+    _, updates = module.apply(variables, x, is_training=np.bool_(True), mutable=["batch_stats"])
+    mean, _, _ = reference.moments(x, (0,))
+    np.testing.assert_allclose(
+        updates["batch_stats"]["moving_mean"],
+        reference.moving_average(0.0, mean.ravel(), 0.5),
+        rtol=1e-6,
+    )
