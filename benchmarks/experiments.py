@@ -41,6 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from train import data, metrics, models, train
+from train import devices as device_layouts
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TARGET_ACCURACY = 0.90
@@ -231,7 +232,7 @@ def sync_cost(config: ml_collections.ConfigDict, rounds: int = 7, steps: int = 1
         variant_config.num_devices = devices
         variant_config.model.sync_batch_stats = sync
         variant_config.parallelism = "pmap"
-        layout = train.device_layout(variant_config)
+        layout = device_layouts.device_layout(variant_config)
         model = models.create_model(variant_config.model, 10, axis_name=layout.model_axis_name)
         state = train.create_train_state(jax.random.key(0), model, image_shape, optax.adam(1e-3))
         variants[name] = (

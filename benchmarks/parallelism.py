@@ -2,7 +2,7 @@
 
     python benchmarks/parallelism.py [--devices 4] [--batch 128] [--rounds 7] [--steps 10]
 
-Every variant runs the train app's own step (train/train.py: `DeviceLayout.compile` of
+Every variant runs the train app's own step (train/devices.py: `DeviceLayout.compile` of
 `train_step`, the state donated) on the document's network (configs/default.py: jbn.BatchNorm,
 Adam 1e-3) with the same random Fashion-MNIST-shaped batch:
 
@@ -57,6 +57,7 @@ def build_variants(devices: int, batch: int) -> dict[str, tuple[Callable, dict, 
     from configs import default
     from train import models
     from train import train as train_lib
+    from train.devices import DeviceLayout
 
     config = default.get_config()
     rng = np.random.default_rng(0)
@@ -66,11 +67,11 @@ def build_variants(devices: int, batch: int) -> dict[str, tuple[Callable, dict, 
     }
     local = tuple(jax.local_devices()[:devices])
     layouts = {
-        "1 device": (train_lib.DeviceLayout(None, local[:1], 1, 0), True),
-        "sharding": (train_lib.DeviceLayout("sharding", local, 1, 0), True),
-        "pmap": (train_lib.DeviceLayout("pmap", local, 1, 0), True),
-        "sharding, per-device statistics": (train_lib.DeviceLayout("sharding", local, 1, 0), False),
-        "pmap, per-device statistics": (train_lib.DeviceLayout("pmap", local, 1, 0), False),
+        "1 device": (DeviceLayout(None, local[:1], 1, 0), True),
+        "sharding": (DeviceLayout("sharding", local, 1, 0), True),
+        "pmap": (DeviceLayout("pmap", local, 1, 0), True),
+        "sharding, per-device statistics": (DeviceLayout("sharding", local, 1, 0), False),
+        "pmap, per-device statistics": (DeviceLayout("pmap", local, 1, 0), False),
     }
     variants = {}
     for name, (layout, sync) in layouts.items():

@@ -7,7 +7,7 @@ statistics) and two thin Flax modules: `BatchNorm` (linen) and `jbn.nnx.BatchNor
 
 from jbn import nnx, running
 from jbn.averages import MovingAverage, MovingAverageState, moving_average
-from jbn.fold import fold_batch_norm
+from jbn.fold import batch_norm_inference_statistics, fold_batch_norm
 from jbn.module import BatchNorm
 from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
 from jbn.renorm import batch_renorm, renorm_correction
@@ -17,6 +17,7 @@ __all__ = [
     "BatchNorm",
     "MovingAverage",
     "MovingAverageState",
+    "batch_norm_inference_statistics",
     "batch_normalization",
     "batch_renorm",
     "fold_batch_norm",

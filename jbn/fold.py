@@ -12,14 +12,16 @@ layer with `kernel' = kernel * m` (along the output-feature axis) and
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jbn import _checks
 
-__all__ = ["fold_batch_norm"]
+__all__ = ["batch_norm_inference_statistics", "fold_batch_norm"]
 
 
 def fold_batch_norm(
@@ -102,3 +104,25 @@ def fold_batch_norm(
     folded_kernel = kernel.astype(acc) * multiplier.reshape(broadcast_shape)
     bias_dtype = kernel.dtype if bias is None else jnp.result_type(bias)
     return folded_kernel.astype(kernel.dtype), folded_bias.astype(bias_dtype)
+
+
+def batch_norm_inference_statistics(
+    batch_norm: nn.Module, params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """What a linen batch norm normalizes with at inference, in `fold_batch_norm`'s names.
+
+    `batch_norm` is a `jbn.BatchNorm` or a `flax.linen.BatchNorm` (the bound or unbound module,
+    only its type and `epsilon` are read); `params` and `batch_stats` are its variables.
+
+    Returns `(batch_stats, params, epsilon)` for `fold_batch_norm`: the moving mean and variance
+    its inference mode reads, its `gamma`/`beta` and its epsilon. `jbn.BatchNorm` keeps them
+    under these names (with `zero_debias_moving_mean`, `moving_mean` is already the debiased
+    mean; renorm's own statistics only steer training); `flax.linen.BatchNorm` calls them
+    `mean`, `var`, `scale`, `bias`.
+    """
+    if isinstance(batch_norm, nn.BatchNorm):
+        stats = {"moving_mean": batch_stats["mean"], "moving_variance": batch_stats["var"]}
+        names = {"scale": "gamma", "bias": "beta"}
+        return stats, {names[k]: v for k, v in params.items()}, batch_norm.epsilon
+    stats = {k: batch_stats[k] for k in ("moving_mean", "moving_variance")}
+    return stats, dict(params), batch_norm.epsilon

@@ -9,7 +9,7 @@ import pytest
 import train_testing
 
 from configs import default
-from train import checkpoints, models
+from train import checkpoints, config_checks, devices, models
 from train import train as train_lib
 
 CONFIG_NAMES = ("default", "cifar10", "no_bn", "multi_device", "smoke")
@@ -22,7 +22,7 @@ def load(name):
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_is_valid_on_this_machine(name):
     config = load(name)
-    train_lib.check_config(config, train_lib.device_layout(config))
+    config_checks.check_config(config, devices.device_layout(config))
     # Every config has the fields of the default one (they all derive from it).
     assert set(config.to_dict()) == set(default.get_config().to_dict())
 

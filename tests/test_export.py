@@ -409,13 +409,13 @@ def test_an_export_that_disagrees_with_the_model_is_refused(exported_run, tmp_pa
     workdir = tmp_path / "run"
     shutil.copytree(exported_run[0], workdir)
     shutil.rmtree(workdir / "export")
-    right = export.batch_norm_inference_statistics
+    right = jbn.batch_norm_inference_statistics
 
     def zero_debias_forgotten(batch_norm, params, batch_stats):
         stats, affine, epsilon = right(batch_norm, params, batch_stats)
         return {**stats, "moving_mean": batch_stats["moving_mean_biased"]}, affine, epsilon
 
-    monkeypatch.setattr(export, "batch_norm_inference_statistics", zero_debias_forgotten)
+    monkeypatch.setattr(jbn, "batch_norm_inference_statistics", zero_debias_forgotten)
     with pytest.raises(export.ExportError, match="differ from the checkpoint's eval-mode"):
         export.export_run(str(workdir))
     assert not (workdir / "export").exists()

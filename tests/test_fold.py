@@ -133,3 +133,33 @@ def test_bad_arguments():
         jbn.fold_batch_norm(kernel, None, bn["batch_stats"], {"scale": jnp.ones(4)}, epsilon=1e-3)
     with pytest.raises(ValueError, match="epsilon"):
         jbn.fold_batch_norm(kernel, None, bn["batch_stats"], bn["params"], epsilon=0.0)
+
+
+@pytest.mark.parametrize("layer", ["jbn", "flax"])
+def test_inference_statistics_fold_either_batch_norm_as_its_eval_mode(layer):
+    """jbn.BatchNorm and flax.linen.BatchNorm name their variables differently; folding with
+    `batch_norm_inference_statistics` reproduces the eval-mode output of each (epsilon 0.5, so
+    that a wrong epsilon shows)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(0, 1, (8, 3)).astype(np.float32)
+    kernel = rng.normal(0, 1, (3, 4)).astype(np.float32)
+    bias = rng.normal(0, 1, 4).astype(np.float32)
+    variables = random_bn_variables(4, seed=3)
+    if layer == "jbn":
+        batch_norm = jbn.BatchNorm(epsilon=0.5, scale=True)  # (TF1 default: no gamma)
+        apply = lambda v, z: batch_norm.apply(v, z, is_training=False)
+    else:
+        batch_norm = nn.BatchNorm(epsilon=0.5)
+        stats, params = variables["batch_stats"], variables["params"]
+        variables = {
+            "params": {"scale": params["gamma"], "bias": params["beta"]},
+            "batch_stats": {"mean": stats["moving_mean"], "var": stats["moving_variance"]},
+        }
+        apply = lambda v, z: batch_norm.apply(v, z, use_running_average=True)
+    stats, affine, epsilon = jbn.batch_norm_inference_statistics(
+        batch_norm, variables["params"], variables["batch_stats"]
+    )
+    folded_kernel, folded_bias = jbn.fold_batch_norm(kernel, bias, stats, affine, epsilon=epsilon)
+    np.testing.assert_allclose(
+        x @ folded_kernel + folded_bias, apply(variables, x @ kernel + bias), **TOL
+    )

@@ -20,6 +20,7 @@ import train_testing
 from configs import smoke
 from train import data, models
 from train import train as train_lib
+from train.devices import PARALLELISMS, DeviceLayout
 
 NUM_DEVICES = 4
 
@@ -56,9 +57,9 @@ def measure_on_four_devices() -> dict:
     dataset = data.load_dataset(config.dataset)
     batches = list(itertools.islice(data.train_batches(dataset, 128, seed=0, epoch=0), 3))
     devices = tuple(jax.local_devices())
-    one = train_lib.DeviceLayout(None, devices[:1], 1, 0)
-    pmap = train_lib.DeviceLayout("pmap", devices, 1, 0)
-    sharding = train_lib.DeviceLayout("sharding", devices, 1, 0)
+    one = DeviceLayout(None, devices[:1], 1, 0)
+    pmap = DeviceLayout("pmap", devices, 1, 0)
+    sharding = DeviceLayout("sharding", devices, 1, 0)
 
     def three_steps(layout, sync_batch_stats):
         config.model.sync_batch_stats = sync_batch_stats
@@ -204,7 +205,7 @@ def test_sharding_and_pmap_on_four_devices(tmp_path_factory):
     assert measured["travel_test_loss_difference"] < 1e-3
 
 
-@pytest.mark.parametrize("parallelism", train_lib.PARALLELISMS)
+@pytest.mark.parametrize("parallelism", PARALLELISMS)
 def test_two_processes_on_loopback_agree(parallelism, tmp_path, tmp_path_factory):
     """jax.distributed over loopback (Gloo collectives on CPU): both processes end equal."""
     cache_dir = tmp_path_factory.getbasetemp() / "jax-compilation-cache"

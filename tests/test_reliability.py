@@ -203,14 +203,14 @@ def test_older_checkpoints_are_deleted_only_after_the_new_one_reads_back_intact(
     state = {"params": {"w": np.arange(4, dtype=np.float32)}, "step": np.int32(1)}
     checkpointer = checkpoints.Checkpointer(str(tmp_path), max_to_keep=1)
     checkpointer.save(1, state, config)
-    real_digest = checkpoints.tree_sha256
+    real_digest = metrics.tree_sha256
     digests = []
 
     def digest_then_bit_rot(tree):  # the digest at save is right, the read-back differs
         digests.append(real_digest(tree))
         return digests[-1] if len(digests) == 1 else "0" * 64
 
-    monkeypatch.setattr(checkpoints, "tree_sha256", digest_then_bit_rot)
+    monkeypatch.setattr(metrics, "tree_sha256", digest_then_bit_rot)
     with pytest.raises(checkpoints.CorruptCheckpointError, match="just written"):
         checkpointer.save(2, {**state, "step": np.int32(2)}, config)
     monkeypatch.undo()

@@ -20,7 +20,7 @@ import train_testing
 from train_testing import smoke_config
 
 from configs import default
-from train import checkpoints, data, metrics, models
+from train import checkpoints, config_checks, data, devices, metrics, models, preemption
 from train import train as train_lib
 
 
@@ -161,7 +161,7 @@ def test_sigint_saves_and_rerun_resumes_to_the_same_result(tmp_path, cache_dir):
 
 def test_stop_requests_turn_sigterm_into_a_flag():
     previous = signal.getsignal(signal.SIGTERM)
-    with train_lib.StopRequests() as requests:
+    with preemption.StopRequests() as requests:
         assert requests.signal_name is None
         os.kill(os.getpid(), signal.SIGTERM)
         assert requests.signal_name == "SIGTERM"  # and the process is still alive
@@ -266,7 +266,7 @@ def test_evaluation_counts_every_test_example_once(uninterrupted):
     _, result = uninterrupted
     config = smoke_config()
     dataset = data.load_dataset(config.dataset)
-    layout = train_lib.device_layout(config)
+    layout = devices.device_layout(config)
     state = result.state
     eval_fn = jax.jit(train_lib.eval_step)
     (everything,) = data.eval_batches(dataset, 200)  # one unpadded batch
@@ -299,9 +299,9 @@ def test_learning_rate_schedules():
     assert [float(cosine(s)) for s in (20, 60, 100)] == pytest.approx([1e-3, 5e-4, 0], abs=1e-9)
 
 
-def fake_layout(num_devices: int) -> train_lib.DeviceLayout:
+def fake_layout(num_devices: int) -> devices.DeviceLayout:
     device = jax.devices()[0]  # only counted
-    return train_lib.DeviceLayout("sharding", (device,) * num_devices, 1, 0)
+    return devices.DeviceLayout("sharding", (device,) * num_devices, 1, 0)
 
 
 @pytest.mark.parametrize(
@@ -313,18 +313,20 @@ def fake_layout(num_devices: int) -> train_lib.DeviceLayout:
         ({"optimizer.name": "lamb"}, "optimizer.name must be one of"),
         ({"optimizer.weight_decay": 0.1}, "weight_decay needs optimizer.name='adamw'"),
         ({"model.decay": 1.0}, r"model.decay must be in \[0, 1\)"),
+        ({"model.epsilon": 0.0}, "model.epsilon must be positive"),
+        ({"model.renorm": True, "model.renorm_rmax": 0.5}, r"1 / model.renorm_rmax \(2.0\)"),
         ({"num_epochs": 0}, "num_epochs must be >= 1"),
         ({"eval_every_steps": -1}, "eval_every_steps must be >= 0"),
     ],
 )
 def test_bad_config_values_are_named(override, message):
-    with pytest.raises(train_lib.ConfigError, match=message):
-        train_lib.check_config(smoke_config(**override), fake_layout(4))
+    with pytest.raises(config_checks.ConfigError, match=message):
+        config_checks.check_config(smoke_config(**override), fake_layout(4))
 
 
 def test_more_devices_than_present_is_a_config_error():
-    with pytest.raises(train_lib.ConfigError, match="num_cpu_devices"):
-        train_lib.device_layout(smoke_config(num_devices=len(jax.local_devices()) + 1))
+    with pytest.raises(config_checks.ConfigError, match="num_cpu_devices"):
+        devices.device_layout(smoke_config(num_devices=len(jax.local_devices()) + 1))
 
 
 FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")

@@ -149,11 +149,11 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     # Imported here: JAX's devices must be configured (distributed.initialize) before any JAX
     # computation, and absl's usage errors should not wait for JAX to import.
-    from train import checkpoints, data, distributed, metrics
+    from train import checkpoints, config_checks, data, distributed, metrics
     from train import train as train_lib
 
     expected_errors = (
-        train_lib.ConfigError,
+        config_checks.ConfigError,
         data.DataError,
         checkpoints.CheckpointError,
         distributed.DistributedError,

@@ -17,7 +17,6 @@ back past unreadable or corrupt checkpoints to the newest intact one and moves t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
+
+from train import metrics
 
 State = TypeVar("State")
 
@@ -64,16 +65,6 @@ class CheckpointError(Exception):
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint that cannot be read or fails verification; an older one may still be intact."""
-
-
-def tree_sha256(tree: Any) -> str:
-    """SHA-256 of a pytree's leaves (names, dtypes, shapes and bytes): equal iff bitwise equal."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def non_finite_leaves(tree: Any) -> list[str]:
@@ -264,7 +255,10 @@ class Checkpointer:
                 f"refusing to save a non-finite state at step {step}; NaN or infinity in "
                 + ", ".join(non_finite)
             )
-        integrity = {"state_sha256": tree_sha256(state_dict), "data_fingerprint": data_fingerprint}
+        integrity = {
+            "state_sha256": metrics.tree_sha256(state_dict),
+            "data_fingerprint": data_fingerprint,
+        }
         try:
             # A failed write reaches us as the exception below; orbax's worker threads would
             # also log it, each with a traceback, and tensorstore echo it into a closed loop.
@@ -316,7 +310,7 @@ class Checkpointer:
             )
         # No target: orbax would return the saved shapes anyway, whatever the target says.
         state = self._read(step, state=ocp.args.StandardRestore()).state
-        if tree_sha256(state) != integrity["state_sha256"]:
+        if metrics.tree_sha256(state) != integrity["state_sha256"]:
             raise CorruptCheckpointError(
                 f"checkpoint {self.location(step)} is corrupt: its arrays do not match the "
                 "SHA-256 digest saved with them (bytes changed on disk)"

@@ -1,10 +1,10 @@
-"""Multi-process (multi-host) setup and the device layout of a run.
+"""Multi-process (multi-host) setup: joining the job before any JAX computation.
 
 A multi-process job is described by a coordinator address, a process count and this process's
 id, given as flags or as the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID. Every process runs the same command; the device layout (the sharding layout's
-mesh, or pmap) then spans the devices of all processes, and each process feeds its own slice of
-every global batch.
+JAX_PROCESS_ID. Every process runs the same command. Once joined, the device layout
+(`train/devices.py`: the sharding layout's mesh, or pmap) spans the devices of all processes,
+and each process feeds its own slice of every global batch.
 
 On CPU the cross-process collectives go through Gloo over TCP
 (`jax_cpu_collectives_implementation='gloo'`: JAX 0.10's default, set explicitly here so that

@@ -111,27 +111,6 @@ def find_folds(
     return folds
 
 
-def batch_norm_inference_statistics(
-    batch_norm: nn.Module, params: Mapping[str, Any], batch_stats: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """What a batch norm normalizes with at inference, in `jbn.fold_batch_norm`'s names.
-
-    Returns `(batch_stats, params, epsilon)` for `fold_batch_norm`: the moving mean and variance
-    its inference mode reads, its `gamma`/`beta` and its epsilon. `jbn.BatchNorm` keeps them
-    under these names (with `zero_debias_moving_mean`, `moving_mean` is already the debiased
-    mean; renorm's own statistics only steer training); `flax.linen.BatchNorm` calls them
-    `mean`, `var`, `scale`, `bias`.
-
-    This belongs in jbn (a public helper beside `fold_batch_norm`); it lives here until then.
-    """
-    if isinstance(batch_norm, nn.BatchNorm):
-        stats = {"moving_mean": batch_stats["mean"], "moving_variance": batch_stats["var"]}
-        names = {"scale": "gamma", "bias": "beta"}
-        return stats, {names[k]: v for k, v in params.items()}, batch_norm.epsilon
-    stats = {k: batch_stats[k] for k in ("moving_mean", "moving_variance")}
-    return stats, dict(params), batch_norm.epsilon
-
-
 def _variables_of(flat: Mapping[tuple[str, ...], Any], path: tuple[str, ...]) -> dict[str, Any]:
     """The variables of the module at `path`, by name, from a flattened collection."""
     return {key[-1]: value for key, value in flat.items() if key[:-1] == path}
@@ -155,7 +134,7 @@ def fold_batch_norms(folds: Sequence[Fold], variables: Mapping[str, Any]) -> dic
                 f"cannot fold {'/'.join(norm)} into {'/'.join(layer)}: the layer has no bias to "
                 "take the batch norm's offset (give it one, e.g. use_bias=True)."
             )
-        stats, affine, epsilon = batch_norm_inference_statistics(
+        stats, affine, epsilon = jbn.batch_norm_inference_statistics(
             fold.batch_norm, _variables_of(flat_params, norm), _variables_of(flat_stats, norm)
         )
         try:
@@ -238,24 +217,6 @@ class RestoredRun:
     state_sha256: str  # as summary.json's: of params and batch_stats
 
 
-def _state_template(
-    config: ml_collections.ConfigDict, dataset: data.Dataset, model: models.ConvNet
-) -> train_lib.TrainState:
-    """A train state of the structure training saves (optimizer state included)."""
-    steps_per_epoch = data.steps_per_epoch(dataset, config.batch_size)
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else steps_per_epoch * config.num_epochs
-    )
-    schedule = train_lib.create_learning_rate_schedule(
-        config.optimizer, steps_per_epoch, total_steps
-    )
-    tx = train_lib.create_optimizer(config.optimizer, schedule)
-    image_shape = tuple(dataset.train.images.shape[1:])
-    return train_lib.create_train_state(jax.random.key(config.seed), model, image_shape, tx)
-
-
 def restore_run(workdir: str) -> RestoredRun:
     """Restores the latest checkpoint of the run in `workdir` (as training would resume it).
 
@@ -284,7 +245,10 @@ def restore_run(workdir: str) -> RestoredRun:
         checkpointer.check_config(step, config)
         dataset = data.load_dataset(config.dataset)
         model = models.create_model(config.model, dataset.num_classes)
-        state = checkpointer.restore(step, _state_template(config, dataset, model))
+        steps_per_epoch = data.steps_per_epoch(dataset, config.batch_size)
+        # A state of the structure training saves (optimizer state included).
+        template, _ = train_lib.initial_train_state(config, model, dataset, steps_per_epoch)
+        state = checkpointer.restore(step, template)
     finally:
         checkpointer.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -295,7 +259,7 @@ def restore_run(workdir: str) -> RestoredRun:
         variables=variables,
         step=int(state.step),
         checkpoint=os.path.join(checkpointer.directory, str(step)),
-        state_sha256=checkpoints.tree_sha256(variables),
+        state_sha256=metrics.tree_sha256(variables),
     )
 
 
@@ -337,13 +301,6 @@ def compare_on_test_set(
         "max_abs_logit_difference": totals["max_difference"],
         "max_abs_logit": totals["max_logit"],
     }
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
 
 
 def export_run(workdir: str, platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
@@ -426,8 +383,8 @@ def export_run(workdir: str, platforms: Sequence[str] = PLATFORMS) -> dict[str, 
         "max_abs_logit_difference": comparison["max_abs_logit_difference"],
     }
     os.makedirs(os.path.dirname(model_path), exist_ok=True)
-    _write_atomically(model_path, serialized)
-    _write_atomically(info_path, (json.dumps(info, indent=2) + "\n").encode())
+    metrics.write_atomically(serialized, model_path)
+    metrics.write_atomically(json.dumps(info, indent=2) + "\n", info_path)
     return info
 
 

@@ -1,4 +1,7 @@
-"""Run records in the workdir: metrics.jsonl, TensorBoard events, curves.png and summary.json.
+"""Run records: metrics.jsonl, TensorBoard events, curves.png, summary.json, and what goes in them.
+
+`TrainLog` averages the step metrics between log events and times the training throughput;
+`tree_sha256` is the digest of a state that checkpoints verify and summary.json reports.
 
 Every record is an event: a JSON object with `event` ('train' or 'eval'), the global `step`,
 the fractional `epoch` and scalar values. The same scalars go to TensorBoard as
@@ -12,6 +15,8 @@ file that then replaces the old one, so a crash leaves either the old or the new
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -20,6 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import numpy as np
 import tensorboardX
 from matplotlib.figure import Figure
 
@@ -48,15 +55,19 @@ def _jsonable(value: Any) -> Any:
     return finite_or_none(value)
 
 
-def write_text_atomically(text: str, path: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same directory and a rename."""
+def write_atomically(data: str | bytes, path: str) -> None:
+    """Writes text or bytes to `path` through a temporary file in the same directory and a
+    rename: a crash leaves either the old file or the new one, whole."""
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(
-        "w", dir=directory, prefix=f".{os.path.basename(path)}.", delete=False
+        "wb" if isinstance(data, bytes) else "w",
+        dir=directory,
+        prefix=f".{os.path.basename(path)}.",
+        delete=False,
     ) as file:
         temporary = file.name
         try:
-            file.write(text)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         except BaseException:
@@ -72,7 +83,7 @@ def write_text_atomically(text: str, path: str) -> None:
 
 def write_json(data: Any, path: str) -> None:
     """Strict, indented JSON (non-finite floats as null), written atomically."""
-    write_text_atomically(_strict_json(data, indent=2, sort_keys=True) + "\n", path)
+    write_atomically(_strict_json(data, indent=2, sort_keys=True) + "\n", path)
 
 
 def read_json(path: str) -> Any | None:
@@ -119,7 +130,7 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         kept = [event for event in read_events(self.path) if event["step"] <= keep_until_step]
         # Also drops a torn last line, which the next append would otherwise extend.
-        write_text_atomically("".join(_strict_json(event) + "\n" for event in kept), self.path)
+        write_atomically("".join(_strict_json(event) + "\n" for event in kept), self.path)
         self._tensorboard = tensorboardX.SummaryWriter(logdir=workdir)
 
     def write(self, event: str, step: int, **scalars: float) -> None:
@@ -162,6 +173,83 @@ def plot_curves(events: Sequence[Mapping[str, Any]], path: str) -> None:
         if axes.lines:  # nothing logged yet (a run stopped early): no legend to draw
             axes.legend()
     figure.savefig(path, dpi=100)
+
+
+def tree_sha256(tree: Any) -> str:
+    """SHA-256 of a pytree's leaves (names, dtypes, shapes and bytes): equal iff bitwise equal."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def count_params(params: Any) -> int:
+    """The number of parameters (array elements) in a pytree."""
+    return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params))
+
+
+class TrainLog:
+    """Averages step metrics between log events and times training throughput.
+
+    Throughput leaves out this invocation's first step (it includes compilation) and the pauses
+    for evaluation and checkpointing.
+    """
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._window: list[dict[str, jax.Array]] = []
+        self._window_images = 0
+        self._window_start = self._clock_start = None
+        self._paused = 0.0
+        self.timed_images = 0
+
+    def add(self, step_metrics: dict[str, jax.Array]) -> None:
+        # Wait for the step before this one: the host prepares the next batch while a step
+        # runs, yet never runs ahead by more than one, so the progress bar tells the truth.
+        if self._window:
+            jax.block_until_ready(self._window[-1])
+        self._window.append(step_metrics)
+        if self._clock_start is None:
+            jax.block_until_ready(step_metrics)
+            self._clock_start = self._window_start = time.perf_counter()
+        else:
+            self._window_images += self.batch_size
+            self.timed_images += self.batch_size
+
+    def flush(self) -> dict[str, float]:
+        """Mean loss and accuracy since the last flush, and the images/s of those steps."""
+        values = jax.device_get(self._window)
+        seconds = time.perf_counter() - self._window_start
+        logged = {
+            name: float(np.mean([np.mean(v[name]) for v in values]))
+            for name in ("loss", "accuracy")
+        }
+        logged["images_per_s"] = self._window_images / max(seconds, 1e-9)
+        self._window, self._window_images = [], 0
+        self._window_start = time.perf_counter()
+        return logged
+
+    @contextlib.contextmanager
+    def pause(self) -> Any:
+        start = time.perf_counter()
+        yield
+        paused = time.perf_counter() - start
+        self._paused += paused
+        if self._window_start is not None:
+            self._window_start += paused
+
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps so far (after the first), pauses excluded."""
+        if self._clock_start is None:
+            return 0.0
+        return time.perf_counter() - self._clock_start - self._paused
+
+    def images_per_s(self) -> float | None:
+        if not self.timed_images:
+            return None
+        return self.timed_images / (time.perf_counter() - self._clock_start - self._paused)
 
 
 def write_summary(summary: Mapping[str, Any], path: str) -> None:

@@ -159,6 +159,52 @@ def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]
     return kwargs
 
 
+# The `model` config fields that `batch_norm_kwargs` passes to jbn.BatchNorm under their own name.
+_SAME_NAME_FIELDS = (
+    "decay",
+    "center",
+    "scale",
+    "epsilon",
+    "zero_debias_moving_mean",
+    "renorm",
+    "renorm_decay",
+    "virtual_batch_size",
+)
+# The config fields behind the renorm clipping bounds, as jbn's messages name the bounds.
+_CLIPPING_FIELDS = {
+    "renorm_clipping['rmax']": "model.renorm_rmax",
+    "renorm_clipping['rmin']": "1 / model.renorm_rmax",
+    "renorm_clipping['dmax']": "model.renorm_dmax",
+}
+
+
+def check_batch_norm_config(model_config: ml_collections.ConfigDict) -> None:
+    """Lets jbn check the batch norm arguments the `model` sub-config gives.
+
+    Raises:
+      ValueError, TypeError: jbn's error, naming the config fields instead of jbn's arguments
+        ('decay must be in [0, 1)' becomes 'model.decay must be in [0, 1)').
+    """
+    try:
+        jbn.BatchNorm(**batch_norm_kwargs(model_config))
+    except (TypeError, ValueError) as error:
+        raise type(error)(_in_config_terms(str(error))) from None
+
+
+def _in_config_terms(message: str) -> str:
+    """jbn's error message about its arguments, naming the `model` config fields instead."""
+    for bound, field in _CLIPPING_FIELDS.items():
+        message = message.replace(bound, field)
+    if message.startswith(("model.", "1 / model.")):
+        return message
+    # Longest first: 'renorm_decay' before its prefix 'renorm'. Only the leading name is the
+    # argument's: 'decay' later in a message may be a plain word.
+    for name in sorted(_SAME_NAME_FIELDS, key=len, reverse=True):
+        if message.startswith(name):
+            return f"model.{message}"
+    return f"model: {message}"
+
+
 def create_model(
     model_config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
 ) -> ConvNet:

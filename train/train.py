@@ -1,25 +1,21 @@
-"""Training and evaluation of the document's network: train state, steps, device layout, loop.
+"""Training and evaluation of the document's network: train state, steps, loop.
 
 Structure (as flax's examples/imagenet): `train_step` and `eval_step` are pure functions of
-(state, batch); `DeviceLayout` decides between one device (jit) and data parallelism over
-devices, either one `jit` over a device mesh with the batch sharded (XLA inserts the
-collectives, and batch norm sees the global batch) or `pmap` (gradients averaged with
-`lax.pmean`, batch norm statistics synchronized through the pmap axis); `train_and_evaluate`
-runs the epochs, evaluates on the whole test set after each and checkpoints, resuming from the
-latest checkpoint of its workdir.
+(state, batch), compiled for the run's device layout (`train/devices.py`); `setup` builds
+everything a run needs (data, model, state restored from the workdir's latest checkpoint,
+compiled steps); `events_at` says after which step to log, evaluate, save and stop; and
+`train_and_evaluate` runs the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import os
-import signal
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,23 +24,9 @@ import numpy as np
 import optax
 import tqdm
 from flax.training import train_state
-from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from train import checkpoints, data, metrics, models
-
-# Name of the device axis (pmap's axis, the mesh's axis): pmap and shard_map average gradients
-# and synchronize batch statistics over it.
-AXIS_NAME = "batch"
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "warmup", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(Exception):
-    """A config value that cannot work; the message names the field."""
+from train import checkpoints, data, devices, metrics, models, preemption
+from train.config_checks import ConfigError, check_config
 
 
 class DivergenceError(Exception):
@@ -142,6 +124,29 @@ def create_train_state(
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """`num_train_steps`, or (when it is -1) `num_epochs` epochs of `steps_per_epoch`."""
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return steps_per_epoch * config.num_epochs
+
+
+def initial_train_state(
+    config: ml_collections.ConfigDict,
+    model: models.ConvNet,
+    dataset: data.Dataset,
+    steps_per_epoch: int,
+) -> tuple[TrainState, optax.Schedule]:
+    """The state a run starts from (before any checkpoint), and its learning rate schedule."""
+    schedule = create_learning_rate_schedule(
+        config.optimizer, steps_per_epoch, total_train_steps(config, steps_per_epoch)
+    )
+    tx = create_optimizer(config.optimizer, schedule)
+    image_shape = tuple(dataset.train.images.shape[1:])
+    state = create_train_state(jax.random.key(config.seed), model, image_shape, tx)
+    return state, schedule
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -201,14 +206,6 @@ def eval_step(
     return sums
 
 
-def mean_float_leaves(tree: Any, axis_name: str) -> Any:
-    """Cross-device mean of the floating-point leaves (integer counters are equal anyway)."""
-    return jax.tree.map(
-        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        tree,
-    )
-
-
 def train_step_averaging_statistics(
     state: TrainState, batch: Mapping[str, jax.Array], axis_name: str
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -222,336 +219,12 @@ def train_step_averaging_statistics(
     back, except with renorm (its correction uses the moving statistics).
     """
     state, step_metrics = train_step(state, batch, axis_name=axis_name)
-    return state.replace(batch_stats=mean_float_leaves(state.batch_stats, axis_name)), step_metrics
+    return state.replace(
+        batch_stats=devices.mean_float_leaves(state.batch_stats, axis_name)
+    ), step_metrics
 
 
-# ----------------------------------------------------------------------------- devices
-
-# config.parallelism: how a run with more than one device spreads the work.
-PARALLELISMS = ("sharding", "pmap")
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceLayout:
-    """How batches and state are spread over devices.
-
-    parallelism=None: one device, `jit`, host batches used as they are.
-
-    'sharding' (the default with several devices): one `jax.jit` over a `Mesh` of the devices
-    of all `num_processes` processes (axis AXIS_NAME), the state replicated, the global batch
-    sharded along its leading axis. Each process contributes its slice of every global batch
-    (`jax.make_array_from_process_local_data`). XLA inserts the collectives: gradients, metrics
-    and batch statistics are those of the global batch with `axis_name=None` in the model.
-    Per-device batch statistics need explicit collectives, so that step runs under
-    `jax.shard_map` (`compile(..., per_device=True)`).
-
-    'pmap': `pmap` over `local_devices` of each process; each process reshapes its slice of the
-    global batch to (local devices, per-device batch, ...), and the model and steps reduce over
-    the pmap axis AXIS_NAME explicitly.
-    """
-
-    parallelism: str | None
-    local_devices: tuple[jax.Device, ...]
-    num_processes: int
-    process_index: int
-
-    @property
-    def parallel(self) -> bool:
-        return self.parallelism is not None
-
-    @property
-    def num_devices(self) -> int:
-        return len(self.local_devices) * self.num_processes
-
-    @property
-    def is_primary(self) -> bool:
-        return self.process_index == 0
-
-    @property
-    def model_axis_name(self) -> str | None:
-        """The axis name the model's batch norm reduces over: only pmap names one."""
-        return AXIS_NAME if self.parallelism == "pmap" else None
-
-    @functools.cached_property
-    def mesh(self) -> Mesh:
-        """The 'sharding' layout's mesh: every device of every process, one axis AXIS_NAME.
-
-        Auto axes: the step's in/out shardings are given and XLA's sharding propagation
-        partitions everything in between (tests/multidevice checks jbn on Auto and Explicit
-        meshes alike).
-        """
-        devices = jax.devices() if self.num_processes > 1 else self.local_devices
-        return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
-
-    @property
-    def _replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
-    @property
-    def _batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(AXIS_NAME))
-
-    def _process_slice(self, x: np.ndarray) -> np.ndarray:
-        """This process's contiguous share of a global batch."""
-        per_process = x.shape[0] // self.num_processes
-        start = self.process_index * per_process
-        return x[start : start + per_process]
-
-    def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """A global host batch (the same in every process) laid out for the compiled steps."""
-        if self.parallelism is None:
-            return dict(batch)
-        if self.parallelism == "sharding":
-            return {
-                name: jax.make_array_from_process_local_data(
-                    self._batch_sharding, self._process_slice(np.asarray(x)), np.shape(x)
-                )
-                for name, x in batch.items()
-            }
-        local_count = len(self.local_devices)
-
-        def local_shards(x: np.ndarray) -> np.ndarray:
-            x = self._process_slice(x)
-            return x.reshape((local_count, x.shape[0] // local_count, *x.shape[1:]))
-
-        return {name: local_shards(np.asarray(x)) for name, x in batch.items()}
-
-    def replicate(self, tree: Any) -> Any:
-        """A host pytree (the same in every process) copied to every device."""
-        if self.parallelism is None:
-            return tree
-        if self.parallelism == "sharding":
-            sharding = self._replicated
-        else:  # pmap: a leading axis of one copy per local device, as flax.jax_utils.replicate
-            local_count = len(self.local_devices)
-            tree = jax.tree.map(lambda x: np.broadcast_to(x, (local_count, *np.shape(x))), tree)
-            sharding = NamedSharding(Mesh(np.asarray(self.local_devices), ("local",)), P("local"))
-
-        def put(x: Any) -> jax.Array:
-            x = np.asarray(x)  # works in every process, for devices it cannot address too
-            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-        return jax.tree.map(put, tree)
-
-    def local_copy(self, tree: Any) -> Any:
-        """One replica of a replicated pytree, on a device of this process (no host copy)."""
-        if self.parallelism == "pmap":
-            return jax.tree.map(lambda x: x[0], tree)
-        if self.parallelism == "sharding":
-            return jax.tree.map(lambda x: x.addressable_data(0), tree)
-        return tree
-
-    def unreplicate(self, tree: Any) -> Any:
-        """One host copy (of the first local device's replica)."""
-        return jax.device_get(self.local_copy(tree))
-
-    def compile(
-        self, step: Callable[..., Any], donate_state: bool, per_device: bool = False
-    ) -> Callable[..., Any]:
-        """Compiles a `step(state, batch, axis_name=)` function for this layout.
-
-        One device: `jit`. pmap: `pmap` with `axis_name=AXIS_NAME`. Sharding: `jit` with the
-        state replicated and the batch sharded, in and out; `step` sees the global batch with
-        `axis_name=None`, or, with `per_device`, runs on each device's shard under shard_map
-        with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices).
-        """
-        donate = (0,) if donate_state else ()
-        if self.parallelism is None:
-            return jax.jit(step, donate_argnums=donate)
-        if self.parallelism == "pmap":
-            return jax.pmap(
-                functools.partial(step, axis_name=AXIS_NAME),
-                axis_name=AXIS_NAME,
-                devices=self.local_devices if self.num_processes == 1 else None,
-                donate_argnums=donate,
-            )
-        if per_device:
-            # check_vma=False: the step is written as for pmap (its gradients are local and it
-            # pmeans them itself). With the check, JAX would already sum the gradient of the
-            # replicated parameters over the devices, and the pmean would keep that sum.
-            step = jax.shard_map(
-                functools.partial(step, axis_name=AXIS_NAME),
-                mesh=self.mesh,
-                in_specs=(P(), P(AXIS_NAME)),
-                out_specs=P(),
-                check_vma=False,
-            )
-        return jax.jit(
-            step,
-            in_shardings=(self._replicated, self._batch_sharding),
-            out_shardings=self._replicated,
-            donate_argnums=donate,
-        )
-
-    def any_process(self, flag: bool) -> bool:
-        """True if `flag` is True in any process (all processes must call this together)."""
-        if self.num_processes == 1:
-            return flag
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
-def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
-    """The layout `config.num_devices` and `config.parallelism` ask for, checked."""
-    available = jax.local_devices()
-    requested = config.num_devices
-    num_processes = jax.process_count()
-    parallelism = config.get("parallelism", "sharding")
-    if parallelism not in PARALLELISMS:
-        raise ConfigError(f"parallelism must be one of {PARALLELISMS}, got {parallelism!r}")
-    if requested == -1:
-        count = len(available)
-    elif requested >= 1:
-        count = requested
-    else:
-        raise ConfigError(f"num_devices must be -1 (all local devices) or >= 1, got {requested}")
-    if count > len(available):
-        raise ConfigError(
-            f"num_devices={requested} but this process has {len(available)} "
-            f"{jax.default_backend()} device(s); on CPU, simulate more with "
-            f"--config.num_cpu_devices={count}"
-        )
-    if num_processes > 1 and count != len(available):
-        raise ConfigError(
-            f"a multi-process job uses all local devices; set num_devices=-1 (got {requested})"
-        )
-    return DeviceLayout(
-        parallelism=parallelism if count > 1 or num_processes > 1 else None,
-        local_devices=tuple(available[:count]),
-        num_processes=num_processes,
-        process_index=jax.process_index(),
-    )
-
-
-def check_config(config: ml_collections.ConfigDict, layout: DeviceLayout) -> None:
-    """Raises ConfigError for values that cannot work (before any data is loaded)."""
-
-    def require(condition: bool, message: str) -> None:
-        if not condition:
-            raise ConfigError(message)
-
-    devices = layout.num_devices
-    for field in ("batch_size", "eval_batch_size"):
-        size = config[field]
-        require(size >= 1, f"{field} must be >= 1, got {size}")
-        require(
-            size % devices == 0,
-            f"{field}={size} is not divisible by the {devices} devices "
-            f"({layout.num_processes} process(es) x {len(layout.local_devices)} local)",
-        )
-    require(config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}")
-    require(
-        config.num_train_steps == -1 or config.num_train_steps >= 1,
-        f"num_train_steps must be -1 (num_epochs) or >= 1, got {config.num_train_steps}",
-    )
-    require(config.log_every_steps >= 1, "log_every_steps must be >= 1")
-    require(
-        config.eval_every_steps >= 0,
-        f"eval_every_steps must be >= 0 (0: at the end of each epoch), got "
-        f"{config.eval_every_steps}",
-    )
-    require(config.checkpoint_max_to_keep >= 1, "checkpoint_max_to_keep must be >= 1")
-    stop = config.stop_after_steps
-    require(stop is None or stop >= 1, f"stop_after_steps must be >= 1, got {stop}")
-
-    optimizer = config.optimizer
-    require(
-        optimizer.name in OPTIMIZERS,
-        f"optimizer.name must be one of {OPTIMIZERS}, got {optimizer.name!r}",
-    )
-    require(
-        optimizer.schedule in SCHEDULES,
-        f"optimizer.schedule must be one of {SCHEDULES}, got {optimizer.schedule!r}",
-    )
-    require(optimizer.learning_rate > 0, "optimizer.learning_rate must be > 0")
-    require(optimizer.warmup_epochs >= 0, "optimizer.warmup_epochs must be >= 0")
-    require(
-        optimizer.weight_decay == 0 or optimizer.name == "adamw",
-        "optimizer.weight_decay needs optimizer.name='adamw'",
-    )
-
-    model = config.model
-    require(model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {model.dtype!r}")
-    require(len(model.features) >= 1, "model.features must name at least one convolution")
-    require(0 <= model.decay < 1, f"model.decay must be in [0, 1), got {model.decay}")
-    require(model.epsilon > 0, f"model.epsilon must be > 0, got {model.epsilon}")
-    require(model.batch_norm_l2 >= 0, "model.batch_norm_l2 must be >= 0")
-    ghost = model.virtual_batch_size
-    per_device = config.batch_size // devices
-    require(
-        ghost is None or (ghost >= 1 and per_device % ghost == 0),
-        f"model.virtual_batch_size={ghost} must divide the per-device batch {per_device}",
-    )
-
-
-# ----------------------------------------------------------------------------- stopping
-
-
-class StopRequests(contextlib.AbstractContextManager):
-    """Turns SIGINT/SIGTERM into a request to stop after the current step.
-
-    A second signal of either kind restores the default handlers and raises KeyboardInterrupt,
-    so an impatient user can still abort at once; inside `finishing(task)` (a checkpoint being
-    written) the abort waits until the task is done, so that no write is torn.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-        self._finishing: str | None = None
-        self._abort_after: str | None = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name is None:
-            self.signal_name = name
-            tqdm.tqdm.write(f"{name}: stopping after this step (again to abort).")
-        elif self._finishing is not None:
-            self._abort_after = name
-            tqdm.tqdm.write(f"{name}: aborting once {self._finishing} is written.")
-        else:
-            self._restore()
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def finishing(self, task: str) -> Any:
-        """Defers an abort (a second signal) until `task`, e.g. 'the checkpoint of step 5', ends.
-
-        Raises KeyboardInterrupt after the block if a second signal came during it.
-        """
-        self._finishing = task
-        try:
-            yield
-        finally:
-            self._finishing = None
-        if self._abort_after is not None:
-            self._restore()
-            raise KeyboardInterrupt(
-                f"Aborted by a second {self._abort_after} after it finished writing {task}; "
-                "rerunning the same command resumes from there."
-            )
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def __enter__(self) -> StopRequests:
-        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._restore()
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def count_params(params: Any) -> int:
-    return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params))
+# ----------------------------------------------------------------------------- evaluation
 
 
 def evaluate(
@@ -559,7 +232,7 @@ def evaluate(
     state: TrainState,
     dataset: data.Dataset,
     config: ml_collections.ConfigDict,
-    layout: DeviceLayout,
+    layout: devices.DeviceLayout,
 ) -> dict[str, float]:
     """Test loss and accuracy over every test example (padding excluded through the mask)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
@@ -576,70 +249,165 @@ def evaluate(
     }
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    metrics.write_json(checkpoints.config_to_json(config), os.path.join(workdir, "config.json"))
+# ----------------------------------------------------------------------------- events
 
 
-class _TrainLog:
-    """Averages step metrics between log events and times training throughput.
+class Cadence(NamedTuple):
+    """The step counts that decide the loop's events (see `events_at`)."""
 
-    Throughput leaves out this invocation's first step (it includes compilation) and the pauses
-    for evaluation and checkpointing.
+    steps_per_epoch: int
+    total_steps: int
+    log_every_steps: int
+    eval_every_steps: int  # 0: only at the end of each epoch
+    stop_after_steps: int | None
+
+
+class Events(NamedTuple):
+    """What the loop does after a training step.
+
+    log: write the mean train metrics since the last log.
+    evaluate: evaluate the whole test set, before saving.
+    save: write a checkpoint.
+    stopped_by: the stop request honoured at this step ('stop_after_steps' or a signal's name)
+      or None.
+    done: leave the loop (stopped, or the last step).
     """
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self._window: list[dict[str, jax.Array]] = []
-        self._window_images = 0
-        self._window_start = self._clock_start = None
-        self._paused = 0.0
-        self.timed_images = 0
+    log: bool
+    evaluate: bool
+    save: bool
+    stopped_by: str | None
+    done: bool
 
-    def add(self, step_metrics: dict[str, jax.Array]) -> None:
-        # Wait for the step before this one: the host prepares the next batch while a step
-        # runs, yet never runs ahead by more than one, so the progress bar tells the truth.
-        if self._window:
-            jax.block_until_ready(self._window[-1])
-        self._window.append(step_metrics)
-        if self._clock_start is None:
-            jax.block_until_ready(step_metrics)
-            self._clock_start = self._window_start = time.perf_counter()
-        else:
-            self._window_images += self.batch_size
-            self.timed_images += self.batch_size
 
-    def flush(self) -> dict[str, float]:
-        """Mean loss and accuracy since the last flush, and the images/s of those steps."""
-        values = jax.device_get(self._window)
-        seconds = time.perf_counter() - self._window_start
-        logged = {
-            name: float(np.mean([np.mean(v[name]) for v in values]))
-            for name in ("loss", "accuracy")
-        }
-        logged["images_per_s"] = self._window_images / max(seconds, 1e-9)
-        self._window, self._window_images = [], 0
-        self._window_start = time.perf_counter()
-        return logged
+def events_at(step: int, cadence: Cadence, signal_name: str | None = None) -> Events:
+    """What happens after training step `step` (counted from 1, over all epochs).
 
-    @contextlib.contextmanager
-    def pause(self) -> Any:
-        start = time.perf_counter()
-        yield
-        paused = time.perf_counter() - start
-        self._paused += paused
-        if self._window_start is not None:
-            self._window_start += paused
+    Evaluation and a checkpoint at the end of every epoch, every `eval_every_steps` steps and at
+    the last step; the train metrics every `log_every_steps` steps and at every evaluation. A
+    stop, at step `stop_after_steps` or when a signal (`signal_name`, named in preference) asked
+    for one, saves a checkpoint too, evaluating first only if an evaluation is due anyway.
+    """
+    evaluate = (
+        step % cadence.steps_per_epoch == 0
+        or step == cadence.total_steps
+        or (cadence.eval_every_steps > 0 and step % cadence.eval_every_steps == 0)
+    )
+    stopped_by = signal_name or ("stop_after_steps" if step == cadence.stop_after_steps else None)
+    return Events(
+        log=evaluate or step % cadence.log_every_steps == 0,
+        evaluate=evaluate,
+        save=evaluate or stopped_by is not None,
+        stopped_by=stopped_by,
+        done=stopped_by is not None or step == cadence.total_steps,
+    )
 
-    def train_seconds(self) -> float:
-        """Seconds spent in training steps so far (after the first), pauses excluded."""
-        if self._clock_start is None:
-            return 0.0
-        return time.perf_counter() - self._clock_start - self._paused
 
-    def images_per_s(self) -> float | None:
-        if not self.timed_images:
-            return None
-        return self.timed_images / (time.perf_counter() - self._clock_start - self._paused)
+# ----------------------------------------------------------------------------- setup
+
+
+class Run(NamedTuple):
+    """Everything the training loop needs, built by `setup`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    layout: devices.DeviceLayout
+    dataset: data.Dataset
+    data_fingerprint: str
+    cadence: Cadence
+    schedule: optax.Schedule
+    state: TrainState  # the restored (or initial) state, laid out for the devices
+    start_step: int
+    resumed_from: int | None  # the checkpoint's step, None when starting afresh
+    checkpointer: checkpoints.Checkpointer
+    writer: metrics.MetricsWriter
+    train_fn: Callable[..., Any]  # compiled train_step(state, batch)
+    eval_fn: Callable[..., Any]  # compiled eval_step(state, batch)
+    one_copy: Callable[[TrainState], TrainState]  # averages per-device statistics, if any
+    started: float  # time.perf_counter() when setup began
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Checks the config, loads the data, builds the model and restores the latest checkpoint.
+
+    Raises:
+      ConfigError: a config value that cannot work.
+      checkpoints.CheckpointError: `workdir` holds checkpoints of another experiment or data.
+    """
+    started = time.perf_counter()
+    layout = devices.device_layout(config)
+    check_config(config, layout)
+    checkpointer = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint_max_to_keep
+    )
+    # Before the slow part: a workdir of another experiment fails at once.
+    checkpointer.check_newest_config(config)
+    dataset = data.load_dataset(config.dataset)
+    data_fingerprint = data.data_fingerprint(dataset)
+    try:  # batch_size against the dataset's size
+        steps_per_epoch = data.steps_per_epoch(dataset, config.batch_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    model = models.create_model(config.model, dataset.num_classes, axis_name=layout.model_axis_name)
+    state, schedule = initial_train_state(config, model, dataset, steps_per_epoch)
+    resumed_from, state = checkpointer.restore_latest(
+        state, config, data_fingerprint, report=print if layout.is_primary else lambda _: None
+    )
+    start_step = int(state.step)
+    writer = metrics.MetricsWriter(workdir, keep_until_step=start_step, enabled=layout.is_primary)
+    if layout.is_primary:
+        metrics.write_json(checkpoints.config_to_json(config), os.path.join(workdir, "config.json"))
+        if resumed_from is not None:
+            print(f"Resuming from {checkpointer.directory}/{resumed_from} (step {start_step}).")
+    train_fn, one_copy = _compile_training(config, layout)
+    return Run(
+        config=config,
+        workdir=workdir,
+        layout=layout,
+        dataset=dataset,
+        data_fingerprint=data_fingerprint,
+        cadence=Cadence(
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_train_steps(config, steps_per_epoch),
+            log_every_steps=config.log_every_steps,
+            eval_every_steps=config.eval_every_steps,
+            stop_after_steps=config.stop_after_steps,
+        ),
+        schedule=schedule,
+        state=layout.replicate(state),
+        start_step=start_step,
+        resumed_from=resumed_from,
+        checkpointer=checkpointer,
+        writer=writer,
+        train_fn=train_fn,
+        eval_fn=layout.compile(eval_step, donate_state=False),
+        one_copy=one_copy,
+        started=started,
+    )
+
+
+def _compile_training(
+    config: ml_collections.ConfigDict, layout: devices.DeviceLayout
+) -> tuple[Callable[..., Any], Callable[[TrainState], TrainState]]:
+    """The compiled train step, and what makes one copy of the state out of the devices' own."""
+    per_device_statistics = layout.parallel and not config.model.sync_batch_stats
+    if per_device_statistics and layout.parallelism == "sharding":
+        train_fn = layout.compile(
+            train_step_averaging_statistics, donate_state=True, per_device=True
+        )
+    else:
+        train_fn = layout.compile(train_step, donate_state=True)
+    if not (per_device_statistics and layout.parallelism == "pmap"):
+        return train_fn, lambda replicated: replicated
+    # Every device keeps its own moving statistics; they are averaged whenever one copy is
+    # needed (evaluation, checkpoint), as in flax's examples/imagenet.
+    average = layout.compile(devices.mean_float_leaves, donate_state=False)
+    return train_fn, lambda replicated: replicated.replace(
+        batch_stats=average(replicated.batch_stats)
+    )
+
+
+# ----------------------------------------------------------------------------- loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -651,216 +419,177 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     `model.sync_batch_stats=False` the per-device moving statistics are averaged at every
     evaluation and checkpoint, so a resumed run starts from the average and differs slightly.
     """
-    started = time.perf_counter()
-    layout = device_layout(config)
-    check_config(config, layout)
-    checkpointer = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint_max_to_keep
-    )
-    # Before the slow part: a workdir of another experiment fails at once.
-    checkpointer.check_newest_config(config)
-    dataset = data.load_dataset(config.dataset)
-    data_fingerprint = data.data_fingerprint(dataset)
-    if config.batch_size > len(dataset.train.labels):
-        raise ConfigError(
-            f"batch_size={config.batch_size} exceeds the {len(dataset.train.labels)} training "
-            f"examples of {dataset.name!r}"
-        )
-    steps_per_epoch = data.steps_per_epoch(dataset, config.batch_size)
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else steps_per_epoch * config.num_epochs
-    )
-
-    model = models.create_model(config.model, dataset.num_classes, axis_name=layout.model_axis_name)
-    schedule = create_learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
-    tx = create_optimizer(config.optimizer, schedule)
-    image_shape = tuple(dataset.train.images.shape[1:])
-    state = create_train_state(jax.random.key(config.seed), model, image_shape, tx)
-    resumed_from, state = checkpointer.restore_latest(
-        state, config, data_fingerprint, report=print if layout.is_primary else lambda _: None
-    )
-    start_step = int(state.step)
-    writer = metrics.MetricsWriter(workdir, keep_until_step=start_step, enabled=layout.is_primary)
-    if layout.is_primary:
-        _save_config(config, workdir)
-        if resumed_from is not None:
-            print(f"Resuming from {checkpointer.directory}/{resumed_from} (step {start_step}).")
-
-    per_device_statistics = layout.parallel and not config.model.sync_batch_stats
-    if per_device_statistics and layout.parallelism == "sharding":
-        p_train_step = layout.compile(
-            train_step_averaging_statistics, donate_state=True, per_device=True
-        )
-    else:
-        p_train_step = layout.compile(train_step, donate_state=True)
-    p_eval_step = layout.compile(eval_step, donate_state=False)
-    if per_device_statistics and layout.parallelism == "pmap":
-        # Every device keeps its own moving statistics; they are averaged whenever one copy
-        # is needed (evaluation, checkpoint), as in flax's examples/imagenet.
-        p_average = layout.compile(mean_float_leaves, donate_state=False)
-
-        def one_copy(replicated: TrainState) -> TrainState:
-            return replicated.replace(batch_stats=p_average(replicated.batch_stats))
-    else:
-
-        def one_copy(replicated: TrainState) -> TrainState:
-            return replicated
-
-    state = layout.replicate(state)
-    step = start_step
-    stopped_by = None
-    last_eval: dict[str, float] | None = None
-    log = _TrainLog(config.batch_size)
+    run = setup(config, workdir)
+    state, step, events, last_eval = run.state, run.start_step, None, None
+    log = metrics.TrainLog(config.batch_size)
     progress = tqdm.tqdm(
-        total=total_steps,
-        initial=min(start_step, total_steps),
+        total=run.cadence.total_steps,
+        initial=min(step, run.cadence.total_steps),
         unit="step",
         dynamic_ncols=True,
-        disable=not (config.progress_bar and layout.is_primary),
+        disable=not (config.progress_bar and run.layout.is_primary),
     )
-    report = progress.write if layout.is_primary else lambda message: None
-    if start_step < total_steps:
-        epochs = range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch))
-    else:  # a finished run (or one whose length was shortened): nothing left to train
-        epochs = range(0)
+    with preemption.StopRequests() as stop_requests, progress:
+        for batch in _train_batches(run):
+            state, step_metrics = run.train_fn(state, run.layout.shard(batch))
+            step += 1
+            progress.update(1)
+            log.add(run.layout.local_copy(step_metrics))
+            signal_name = stop_requests.signal_name
+            if run.layout.any_process(signal_name is not None):  # every step, in every process
+                signal_name = signal_name or "a signal to another process"
+            events = events_at(step, run.cadence, signal_name)
+            if events.log:
+                _log_training(run, log, progress, step)
+            if events.save:
+                state, evaluated = _save(run, state, step, events.evaluate, log, stop_requests)
+                last_eval = evaluated or last_eval
+            if events.done:
+                break
+    stopped_by = events.stopped_by if events is not None else None
+    return _finish(run, state, step, stopped_by, last_eval, log)
 
-    def pause_to_save(state: TrainState, step: int, *, evaluate_first: bool) -> TrainState:
-        """Checkpoints (after evaluating the test set if asked) outside the timed training."""
-        nonlocal last_eval
-        jax.block_until_ready(state)  # the steps' time is not the pause's
-        train_seconds = log.train_seconds()
-        with log.pause():
-            state = one_copy(state)
-            if evaluate_first:
-                last_eval = evaluate(p_eval_step, state, dataset, config, layout)
-                writer.write(
-                    "eval",
-                    step,
-                    epoch=step / steps_per_epoch,
-                    train_seconds=train_seconds,
-                    **last_eval,
-                )
-                report(
-                    f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): "
-                    f"test loss {last_eval['test_loss']:.4f}, "
-                    f"test accuracy {last_eval['test_accuracy']:.4f}"
-                )
-            host_state = layout.unreplicate(state)
-            non_finite = checkpoints.non_finite_leaves(host_state)
-            if non_finite:
-                raise DivergenceError(
-                    f"training diverged by step {step}: NaN or infinity in "
-                    f"{', '.join(non_finite[:3])}{' ...' if len(non_finite) > 3 else ''}. "
-                    + diverged_advice
-                )
-            with stop_requests.finishing(f"the checkpoint of step {step}"):
-                checkpointer.save(step, host_state, config, data_fingerprint)
-        return state
 
-    diverged_advice = (
+def _train_batches(run: Run) -> Iterator[dict[str, np.ndarray]]:
+    """The training batches from `run.start_step` on, epoch after epoch, to the last step."""
+    start, per_epoch = run.start_step, run.cadence.steps_per_epoch
+    if start >= run.cadence.total_steps:  # a finished run (or one shortened): nothing to train
+        return
+    for epoch in range(start // per_epoch, math.ceil(run.cadence.total_steps / per_epoch)):
+        yield from data.train_batches(
+            run.dataset,
+            run.config.batch_size,
+            seed=run.config.seed,
+            epoch=epoch,
+            start_step=max(start - epoch * per_epoch, 0),
+            augment=run.config.dataset.augment,
+        )
+
+
+def _diverged_advice(run: Run) -> str:
+    return (
         f"Nothing after it was saved; the finite checkpoints before it (if any) are in "
-        f"{checkpointer.directory}. The run is deterministic, so rerunning the same command "
+        f"{run.checkpointer.directory}. The run is deterministic, so rerunning the same command "
         "diverges again: lower optimizer.learning_rate (or add warmup) in a new --workdir."
     )
 
-    with StopRequests() as stop_requests, progress:
-        for epoch in epochs:
-            batches = data.train_batches(
-                dataset,
-                config.batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                start_step=step - epoch * steps_per_epoch,
-                augment=config.dataset.augment,
-            )
-            for batch in batches:
-                state, step_metrics = p_train_step(state, layout.shard(batch))
-                step += 1
-                progress.update(1)
-                log.add(layout.local_copy(step_metrics))
-                evaluate_now = (
-                    step % steps_per_epoch == 0
-                    or step == total_steps
-                    or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
-                )
-                if step % config.log_every_steps == 0 or evaluate_now:
-                    logged = log.flush()
-                    writer.write(
-                        "train",
-                        step,
-                        epoch=step / steps_per_epoch,
-                        learning_rate=float(schedule(step - 1)),
-                        **logged,
-                    )
-                    progress.set_postfix(
-                        loss=f"{logged['loss']:.3f}",
-                        acc=f"{logged['accuracy']:.3f}",
-                        img_s=f"{logged['images_per_s']:.0f}",
-                    )
-                    # The mean of the window's losses, already on the host: a NaN or infinity
-                    # at any step since the last log shows here, at no extra device sync.
-                    if not math.isfinite(logged["loss"]):
-                        raise DivergenceError(
-                            f"training diverged: the mean train loss of the steps up to step "
-                            f"{step} is {logged['loss']}. " + diverged_advice
-                        )
-                if step == config.stop_after_steps:
-                    stopped_by = "stop_after_steps"
-                if layout.any_process(stop_requests.signal_name is not None):
-                    stopped_by = stop_requests.signal_name or "a signal to another process"
-                if stopped_by or step == total_steps or step % steps_per_epoch == 0:
-                    break
-                if evaluate_now:  # mid-epoch (eval_every_steps)
-                    state = pause_to_save(state, step, evaluate_first=True)
-            state = pause_to_save(state, step, evaluate_first=evaluate_now)
-            if stopped_by:
-                break
 
-    final_state = layout.unreplicate(state)
-    checkpointer.close()
-    if layout.is_primary:
-        metrics.plot_curves(
-            metrics.read_events(writer.path), os.path.join(workdir, metrics.CURVES_FILE)
+def _log_training(run: Run, log: metrics.TrainLog, progress: tqdm.tqdm, step: int) -> None:
+    """Writes the train metrics since the last log; raises DivergenceError on a non-finite loss."""
+    logged = log.flush()
+    run.writer.write(
+        "train",
+        step,
+        epoch=step / run.cadence.steps_per_epoch,
+        learning_rate=float(run.schedule(step - 1)),
+        **logged,
+    )
+    progress.set_postfix(
+        loss=f"{logged['loss']:.3f}",
+        acc=f"{logged['accuracy']:.3f}",
+        img_s=f"{logged['images_per_s']:.0f}",
+    )
+    # The mean of the window's losses, already on the host: a NaN or infinity at any step since
+    # the last log shows here, at no extra device sync.
+    if not math.isfinite(logged["loss"]):
+        raise DivergenceError(
+            f"training diverged: the mean train loss of the steps up to step {step} is "
+            f"{logged['loss']}. " + _diverged_advice(run)
         )
-    if stopped_by and step < total_steps:  # (a stop request at the last step changes nothing)
-        writer.close()
-        if layout.is_primary:
+
+
+def _save(
+    run: Run,
+    state: TrainState,
+    step: int,
+    evaluate_first: bool,
+    log: metrics.TrainLog,
+    stop_requests: preemption.StopRequests,
+) -> tuple[TrainState, dict[str, float] | None]:
+    """Checkpoints (after evaluating the test set if asked) outside the timed training.
+
+    Returns the state (one copy of the moving statistics) and the evaluation, if any.
+    """
+    jax.block_until_ready(state)  # the steps' time is not the pause's
+    train_seconds = log.train_seconds()
+    evaluated = None
+    with log.pause():
+        state = run.one_copy(state)
+        if evaluate_first:
+            evaluated = evaluate(run.eval_fn, state, run.dataset, run.config, run.layout)
+            epoch = step / run.cadence.steps_per_epoch
+            run.writer.write("eval", step, epoch=epoch, train_seconds=train_seconds, **evaluated)
+            if run.layout.is_primary:
+                tqdm.tqdm.write(
+                    f"step {step}/{run.cadence.total_steps} (epoch {epoch:.2f}): "
+                    f"test loss {evaluated['test_loss']:.4f}, "
+                    f"test accuracy {evaluated['test_accuracy']:.4f}"
+                )
+        host_state = run.layout.unreplicate(state)
+        non_finite = checkpoints.non_finite_leaves(host_state)
+        if non_finite:
+            raise DivergenceError(
+                f"training diverged by step {step}: NaN or infinity in "
+                f"{', '.join(non_finite[:3])}{' ...' if len(non_finite) > 3 else ''}. "
+                + _diverged_advice(run)
+            )
+        with stop_requests.finishing(f"the checkpoint of step {step}"):
+            run.checkpointer.save(step, host_state, run.config, run.data_fingerprint)
+    return state, evaluated
+
+
+def _finish(
+    run: Run,
+    state: TrainState,
+    step: int,
+    stopped_by: str | None,
+    last_eval: dict[str, float] | None,
+    log: metrics.TrainLog,
+) -> TrainResult:
+    """Closes the run: the curves, and the summary unless it stopped early."""
+    final_state = run.layout.unreplicate(state)
+    run.checkpointer.close()
+    if run.layout.is_primary:
+        metrics.plot_curves(
+            metrics.read_events(run.writer.path), os.path.join(run.workdir, metrics.CURVES_FILE)
+        )
+    if stopped_by and step < run.cadence.total_steps:  # (a stop at the last step changes nothing)
+        run.writer.close()
+        if run.layout.is_primary:
             print(
                 f"Stopped by {stopped_by} at step {step}; checkpoint saved in "
-                f"{checkpointer.directory}. Rerun the same command to resume."
+                f"{run.checkpointer.directory}. Rerun the same command to resume."
             )
         return TrainResult(state=final_state, summary=None, stopped_by=stopped_by)
 
     if last_eval is None:  # resumed a finished run: nothing trained, evaluate once more
-        last_eval = evaluate(p_eval_step, state, dataset, config, layout)
+        last_eval = evaluate(run.eval_fn, state, run.dataset, run.config, run.layout)
     summary = {
-        "dataset": dataset.name,
-        "batch_norm": bool(config.model.use_batch_norm),
-        "num_params": count_params(final_state.params),
+        "dataset": run.dataset.name,
+        "batch_norm": bool(run.config.model.use_batch_norm),
+        "num_params": metrics.count_params(final_state.params),
         "steps": step,
-        "epochs": step / steps_per_epoch,
+        "epochs": step / run.cadence.steps_per_epoch,
         "test_accuracy": last_eval["test_accuracy"],
         "test_loss": last_eval["test_loss"],
         "test_examples": int(last_eval["test_examples"]),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - run.started,
         "train_images_per_s": log.images_per_s(),
-        "devices": layout.num_devices,
-        "processes": layout.num_processes,
-        "resumed_from_step": resumed_from,
-        "data_fingerprint": data_fingerprint,
-        "state_sha256": checkpoints.tree_sha256(
+        "devices": run.layout.num_devices,
+        "processes": run.layout.num_processes,
+        "resumed_from_step": run.resumed_from,
+        "data_fingerprint": run.data_fingerprint,
+        "state_sha256": metrics.tree_sha256(
             {"params": final_state.params, "batch_stats": final_state.batch_stats}
         ),
     }
-    summary_path = os.path.join(workdir, metrics.SUMMARY_FILE)
-    previous = metrics.read_json(summary_path) if step == start_step else None
+    summary_path = os.path.join(run.workdir, metrics.SUMMARY_FILE)
+    previous = metrics.read_json(summary_path) if step == run.start_step else None
     if isinstance(previous, dict):
         # Relaunched after the end: nothing trained, so the timing of the run that trained stays.
         for key in ("wall_time_s", "train_images_per_s"):
             summary[key] = previous.get(key, summary[key])
-    if layout.is_primary:
+    if run.layout.is_primary:
         metrics.write_summary(summary, summary_path)
-    writer.close()
+    run.writer.close()
     return TrainResult(state=final_state, summary=summary, stopped_by=None)

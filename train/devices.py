@@ -1,0 +1,230 @@
+"""Device layouts of a run: one device, or data parallelism by sharding or by pmap.
+
+`device_layout(config)` picks the layout `config.num_devices` and `config.parallelism` ask for;
+a `DeviceLayout` lays host batches and state out for its devices and compiles the steps of
+`train/train.py` for them. The multi-process setup those devices may come from is in
+`train/distributed.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from train.config_checks import ConfigError
+
+# Name of the device axis (pmap's axis, the mesh's axis): pmap and shard_map average gradients
+# and synchronize batch statistics over it.
+AXIS_NAME = "batch"
+
+# config.parallelism: how a run with more than one device spreads the work.
+PARALLELISMS = ("sharding", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceLayout:
+    """How batches and state are spread over devices.
+
+    parallelism=None: one device, `jit`, host batches used as they are.
+
+    'sharding' (the default with several devices): one `jax.jit` over a `Mesh` of the devices
+    of all `num_processes` processes (axis AXIS_NAME), the state replicated, the global batch
+    sharded along its leading axis. Each process contributes its slice of every global batch
+    (`jax.make_array_from_process_local_data`). XLA inserts the collectives: gradients, metrics
+    and batch statistics are those of the global batch with `axis_name=None` in the model.
+    Per-device batch statistics need explicit collectives, so that step runs under
+    `jax.shard_map` (`compile(..., per_device=True)`).
+
+    'pmap': `pmap` over `local_devices` of each process; each process reshapes its slice of the
+    global batch to (local devices, per-device batch, ...), and the model and steps reduce over
+    the pmap axis AXIS_NAME explicitly.
+    """
+
+    parallelism: str | None
+    local_devices: tuple[jax.Device, ...]
+    num_processes: int
+    process_index: int
+
+    @property
+    def parallel(self) -> bool:
+        return self.parallelism is not None
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.local_devices) * self.num_processes
+
+    @property
+    def is_primary(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def model_axis_name(self) -> str | None:
+        """The axis name the model's batch norm reduces over: only pmap names one."""
+        return AXIS_NAME if self.parallelism == "pmap" else None
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """The 'sharding' layout's mesh: every device of every process, one axis AXIS_NAME.
+
+        Auto axes: the step's in/out shardings are given and XLA's sharding propagation
+        partitions everything in between (tests/multidevice checks jbn on Auto and Explicit
+        meshes alike).
+        """
+        devices = jax.devices() if self.num_processes > 1 else self.local_devices
+        return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
+
+    @property
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def _batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(AXIS_NAME))
+
+    def _process_slice(self, x: np.ndarray) -> np.ndarray:
+        """This process's contiguous share of a global batch."""
+        per_process = x.shape[0] // self.num_processes
+        start = self.process_index * per_process
+        return x[start : start + per_process]
+
+    def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """A global host batch (the same in every process) laid out for the compiled steps."""
+        if self.parallelism is None:
+            return dict(batch)
+        if self.parallelism == "sharding":
+            return {
+                name: jax.make_array_from_process_local_data(
+                    self._batch_sharding, self._process_slice(np.asarray(x)), np.shape(x)
+                )
+                for name, x in batch.items()
+            }
+        local_count = len(self.local_devices)
+
+        def local_shards(x: np.ndarray) -> np.ndarray:
+            x = self._process_slice(x)
+            return x.reshape((local_count, x.shape[0] // local_count, *x.shape[1:]))
+
+        return {name: local_shards(np.asarray(x)) for name, x in batch.items()}
+
+    def replicate(self, tree: Any) -> Any:
+        """A host pytree (the same in every process) copied to every device."""
+        if self.parallelism is None:
+            return tree
+        if self.parallelism == "sharding":
+            sharding = self._replicated
+        else:  # pmap: a leading axis of one copy per local device, as flax.jax_utils.replicate
+            local_count = len(self.local_devices)
+            tree = jax.tree.map(lambda x: np.broadcast_to(x, (local_count, *np.shape(x))), tree)
+            sharding = NamedSharding(Mesh(np.asarray(self.local_devices), ("local",)), P("local"))
+
+        def put(x: Any) -> jax.Array:
+            x = np.asarray(x)  # works in every process, for devices it cannot address too
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
+
+    def local_copy(self, tree: Any) -> Any:
+        """One replica of a replicated pytree, on a device of this process (no host copy)."""
+        if self.parallelism == "pmap":
+            return jax.tree.map(lambda x: x[0], tree)
+        if self.parallelism == "sharding":
+            return jax.tree.map(lambda x: x.addressable_data(0), tree)
+        return tree
+
+    def unreplicate(self, tree: Any) -> Any:
+        """One host copy (of the first local device's replica)."""
+        return jax.device_get(self.local_copy(tree))
+
+    def compile(
+        self, step: Callable[..., Any], donate_state: bool, per_device: bool = False
+    ) -> Callable[..., Any]:
+        """Compiles a `step(state, batch, axis_name=)` function for this layout.
+
+        One device: `jit`. pmap: `pmap` with `axis_name=AXIS_NAME`. Sharding: `jit` with the
+        state replicated and the batch sharded, in and out; `step` sees the global batch with
+        `axis_name=None`, or, with `per_device`, runs on each device's shard under shard_map
+        with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices).
+        """
+        donate = (0,) if donate_state else ()
+        if self.parallelism is None:
+            return jax.jit(step, donate_argnums=donate)
+        if self.parallelism == "pmap":
+            return jax.pmap(
+                functools.partial(step, axis_name=AXIS_NAME),
+                axis_name=AXIS_NAME,
+                devices=self.local_devices if self.num_processes == 1 else None,
+                donate_argnums=donate,
+            )
+        if per_device:
+            # check_vma=False: the step is written as for pmap (its gradients are local and it
+            # pmeans them itself). With the check, JAX would already sum the gradient of the
+            # replicated parameters over the devices, and the pmean would keep that sum.
+            step = jax.shard_map(
+                functools.partial(step, axis_name=AXIS_NAME),
+                mesh=self.mesh,
+                in_specs=(P(), P(AXIS_NAME)),
+                out_specs=P(),
+                check_vma=False,
+            )
+        return jax.jit(
+            step,
+            in_shardings=(self._replicated, self._batch_sharding),
+            out_shardings=self._replicated,
+            donate_argnums=donate,
+        )
+
+    def any_process(self, flag: bool) -> bool:
+        """True if `flag` is True in any process (all processes must call this together)."""
+        if self.num_processes == 1:
+            return flag
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
+    """The layout `config.num_devices` and `config.parallelism` ask for, checked."""
+    available = jax.local_devices()
+    requested = config.num_devices
+    num_processes = jax.process_count()
+    parallelism = config.get("parallelism", "sharding")
+    if parallelism not in PARALLELISMS:
+        raise ConfigError(f"parallelism must be one of {PARALLELISMS}, got {parallelism!r}")
+    if requested == -1:
+        count = len(available)
+    elif requested >= 1:
+        count = requested
+    else:
+        raise ConfigError(f"num_devices must be -1 (all local devices) or >= 1, got {requested}")
+    if count > len(available):
+        raise ConfigError(
+            f"num_devices={requested} but this process has {len(available)} "
+            f"{jax.default_backend()} device(s); on CPU, simulate more with "
+            f"--config.num_cpu_devices={count}"
+        )
+    if num_processes > 1 and count != len(available):
+        raise ConfigError(
+            f"a multi-process job uses all local devices; set num_devices=-1 (got {requested})"
+        )
+    return DeviceLayout(
+        parallelism=parallelism if count > 1 or num_processes > 1 else None,
+        local_devices=tuple(available[:count]),
+        num_processes=num_processes,
+        process_index=jax.process_index(),
+    )
+
+
+def mean_float_leaves(tree: Any, axis_name: str) -> Any:
+    """Cross-device mean of the floating-point leaves (integer counters are equal anyway)."""
+    return jax.tree.map(
+        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree,
+    )
