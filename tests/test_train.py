@@ -315,6 +315,7 @@ def fake_layout(num_devices: int) -> devices.DeviceLayout:
         ({"model.decay": 1.0}, r"model.decay must be in \[0, 1\)"),
         ({"model.epsilon": 0.0}, "model.epsilon must be positive"),
         ({"model.renorm": True, "model.renorm_rmax": 0.5}, r"1 / model.renorm_rmax \(2.0\)"),
+        ({"model.renorm": True, "model.renorm_rmax": 0.0}, r"1 / model.renorm_rmax \(inf\)"),
         ({"num_epochs": 0}, "num_epochs must be >= 1"),
         ({"eval_every_steps": -1}, "eval_every_steps must be >= 0"),
     ],

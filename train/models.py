@@ -16,6 +16,7 @@ sees a 2x2 map and yields one value per channel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -149,7 +150,7 @@ def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]
         rmax, dmax = model_config.renorm_rmax, model_config.renorm_dmax
         clipping = {}
         if rmax is not None:
-            clipping.update(rmax=rmax, rmin=1.0 / rmax)
+            clipping.update(rmax=rmax, rmin=_reciprocal(rmax))
         if dmax is not None:
             clipping.update(dmax=dmax)
         kwargs["renorm_clipping"] = clipping or None
@@ -157,6 +158,13 @@ def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]
         regularizer = _l2_regularizer(model_config.batch_norm_l2)
         kwargs["param_regularizers"] = {"beta": regularizer, "gamma": regularizer}
     return kwargs
+
+
+def _reciprocal(rmax: Any) -> Any:
+    """The paper's rmin = 1 / rmax; None for a non-number, which jbn then refuses by its name."""
+    if isinstance(rmax, bool) or not isinstance(rmax, (int, float)):
+        return None
+    return 1.0 / rmax if rmax != 0 else math.inf
 
 
 # The `model` config fields that `batch_norm_kwargs` passes to jbn.BatchNorm under their own name.
