@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn import _checks
-from jbn.stats import CONDITION_LIMIT, accumulation_dtype, counted_values, statistics
+from jbn.stats import accumulation_dtype, counted_values, statistics
 
 __all__ = ["batch_normalization", "fused_batch_norm", "ghost_batch_norm"]
 
@@ -133,51 +133,37 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
     scale_dot = None if scale is None else scale_dot.astype(acc)
     offset_dot = None if offset is None else offset_dot.astype(acc)
 
-    def tangent(x_dot, scale_dot, offset_dot, well_conditioned: bool):
+    def tangent(x_dot, scale_dot, offset_dot):
         # With m = mean, s = rstd, N = count, w = weights (1 without a mask):
         #   mean_dot = sum(w x_dot) / N,   p = sum(w x_dot (x - m)) / N,   var_dot = 2 p,
         #   y_dot = gamma s (x_dot - mean_dot) - gamma s^3 p (x - m) + scale_dot s (x - m)
         #           + offset_dot.
-        # Reverse mode transposes this map; written so, the transpose needs only the two sums
-        # sum(dy) and sum(dy x) (sum(dy (x - m)) when ill conditioned) and one elementwise pass.
+        # Deviations from the mean, not sum(w x_dot x) - m sum(w x_dot): that cancels when
+        # |m| >> std. Reverse mode transposes this map into the two sums sum(dy) and
+        # sum(dy (x - m)) and one elementwise pass.
         counted_dot = x_dot if weights is None else weights * x_dot
-        if well_conditioned:
-            # sum(w x_dot (x - m)) = sum(w x_dot x) - m sum(w x_dot): no broadcast inside the
-            # reductions, so XLA:CPU reads x and x_dot once and writes no temporary.
-            sums = _psum(
-                (
-                    jnp.sum(counted_dot, reduce_axes, keepdims=True),
-                    jnp.sum(counted_dot * xw, reduce_axes, keepdims=True),
-                ),
-                axis_name,
-                groups,
-            )
-            mean_dot = sums[0] / safe_count
-            p = sums[1] / safe_count - stats.mean * mean_dot
-            x_counted = x_acc if weights is None else xw
-            centered = lambda coefficient: x_counted * coefficient - stats.mean * coefficient
-        else:
-            deviation = (x_acc if weights is None else xw) - stats.mean
-            counted_deviation = xw - stats.mean
-            if weights is not None:
-                counted_deviation = jnp.where(weights != 0, counted_deviation, 0)
-            sums = _psum(
-                (
-                    jnp.sum(counted_dot, reduce_axes, keepdims=True),
-                    jnp.sum(counted_dot * counted_deviation, reduce_axes, keepdims=True),
-                ),
-                axis_name,
-                groups,
-            )
-            mean_dot = sums[0] / safe_count
-            p = sums[1] / safe_count
-            centered = lambda coefficient: deviation * coefficient
+        # The sum reads its own `x - m` (the mean behind a barrier): were it shared with the
+        # elementwise term below, XLA:CPU would write it out in full for both.
+        counted_deviation = xw - lax.optimization_barrier(stats.mean)
+        if weights is not None:
+            counted_deviation = jnp.where(weights != 0, counted_deviation, 0)
+        sums = _psum(
+            (
+                jnp.sum(counted_dot, reduce_axes, keepdims=True),
+                jnp.sum(counted_dot * counted_deviation, reduce_axes, keepdims=True),
+            ),
+            axis_name,
+            groups,
+        )
+        mean_dot = sums[0] / safe_count
+        p = sums[1] / safe_count
         a = gamma * rstd
-        # One `centered` term, so that the transpose has a single sum(dy * x) reduction.
+        # One `x - m` term, so that the transpose has a single sum(dy (x - m)) reduction.
         coefficient = -gamma * rstd**3 * p
         if scale_dot is not None:
             coefficient = coefficient + scale_dot * rstd
-        shared = centered(coefficient) - mean_dot * a
+        deviation = (x_acc if weights is None else xw) - stats.mean
+        shared = deviation * coefficient - mean_dot * a
         if offset_dot is not None:
             shared = shared + offset_dot
         if weights is not None:
@@ -187,17 +173,9 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
         y_dot = x_dot * a + shared
         return y_dot.astype(x.dtype), mean_dot, 2 * p
 
-    # Same predicate on every device: it reads the merged statistics.
-    well_conditioned = jnp.all(jnp.square(stats.mean) <= (CONDITION_LIMIT - 1) * stats.variance)
-    tangents_out = lax.cond(
-        well_conditioned,
-        functools.partial(tangent, well_conditioned=True),
-        # Rematerialized so that linearization keeps no full-size residual of this branch.
-        jax.checkpoint(functools.partial(tangent, well_conditioned=False)),
-        x_dot.astype(acc),
-        scale_dot,
-        offset_dot,
-    )
+    # Rematerialized so that linearization keeps no full-size residual (x - m): the backward
+    # pass recomputes it from x and the mean.
+    tangents_out = jax.checkpoint(tangent)(x_dot.astype(acc), scale_dot, offset_dot)
     return primals_out, (*tangents_out, jnp.zeros_like(stats.count))
 
 
@@ -254,9 +232,11 @@ def fused_batch_norm(
         mean, var = moments(x, all axes but `axis`, mask=mask, axis_name=...)
         y = (x - mean) / sqrt(var + epsilon) * scale + offset
 
-    The statistics read `x` once (shifted one-pass; two passes with a mask, see `jbn.stats`),
-    and the derivative is the closed form (see the module docstring). Gradients equal autodiff
-    of `moments` + `batch_normalization`; forward- and reverse-mode both work, to any order.
+    The statistics are two-pass, a mean and then the deviations from it (see `jbn.stats`), so
+    they stay exact however large the mean, and the derivative is the closed form (see the
+    module docstring), also computed from deviations. Neither has a branch. Gradients equal
+    autodiff of `moments` + `batch_normalization`; forward- and reverse-mode both work, to any
+    order.
 
     Args:
       x: floating array, e.g. NHWC `(B, H, W, C)` with `axis=-1` or NCHW with `axis=1`.

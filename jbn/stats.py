@@ -5,12 +5,12 @@ Numerics (see DESIGN.md):
 * Statistics accumulate in `promote_types(x.dtype, float32)`: float32 for bf16/fp16/float32
   inputs, float64 for float64 inputs. They are returned in that dtype too, so a bf16 network
   keeps float32 running averages.
-* Guarded one-pass variance. `var = E[x^2] - E[x]^2` reads `x` once but cancels catastrophically
-  when |mean| >> std (flax's default: at N(1e4, 1) in float32 it is off by ~7e4x). jbn computes
-  the one-pass sums, checks per feature that `E[x^2] <= 16 var` (at most 4 bits lost), and only
-  otherwise runs the exact second pass `sum (x - mean)^2` under `lax.cond`. Typical activations
-  take the fast path; data with a large offset take the exact one and stay right. The variance is
-  clamped at 0.
+* Two-pass variance. `var = E[x^2] - E[x]^2` reads `x` once but cancels catastrophically when
+  |mean| >> std (flax's default: at N(1e4, 1) in float32 it is off by ~7e4x). jbn sums the
+  deviations from a provisional mean instead (see `_local_statistics`): exact whatever the mean,
+  never negative, and no branch (a `lax.cond` would compile both paths). Each of its three sums
+  reads `x` once with the subtraction fused into the reduction: one read more than the one-pass
+  sums.
 * Weighted or masked statistics use the same formulas with weights; elements with weight 0 are
   excluded with `where`, so padding may hold anything, NaN included.
 * Across devices every device reduces its own shard to `(count, mean, m2)` (m2 = sum of squared
@@ -54,12 +54,6 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# One-pass statistics are trusted when E[x^2] <= CONDITION_LIMIT * var, i.e. |mean| <= ~3.9 std:
-# then E[x^2] - E[x]^2 loses at most log2(16) = 4 bits to cancellation. Beyond that the exact
-# two-pass formula runs instead (see `_local_statistics`).
-CONDITION_LIMIT = 16.0
-
-
 def counted_values(x: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
     """(x, weights) in the accumulation dtype, at full shape, zeroed where the weight is 0.
 
@@ -78,16 +72,22 @@ def _local_statistics(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(count, mean, m2) of this device's shard, reduced axes kept, in the accumulation dtype.
 
-    First the cheap sums `S0 = sum w`, `S1 = sum w x`, `S2 = sum w x^2` (one read of `x`, no
-    temporaries). Where every feature is well conditioned (`S2 / S0 <= CONDITION_LIMIT * var`)
-    they are the answer; otherwise a `lax.cond` runs the exact second pass
-    `m2 = sum w (x - mean)^2`. The second pass costs a full-size temporary on CPU (XLA cannot
-    fuse a broadcast into its reduction kernels), which is why it is not the default path.
-    Under `vmap` the cond becomes a select and both paths run.
+    Two passes, with no branch to compile: a provisional mean `shift = sum(w x) / N`, then the
+    sums of the deviations from it, `S1 = sum w (x - shift)` and `S2 = sum w (x - shift)^2`, and
+    (Chan et al.)
+
+        mean = shift + S1 / N,    m2 = S2 - S1^2 / N.
+
+    The deviations are of the order of the spread, so nothing cancels however large the mean
+    (unlike `sum(w x^2) - N mean^2`), and `S1` removes the provisional mean's round-off, which
+    would otherwise enter m2 as `N (round-off)^2`. Each sum is one read of `x`, the subtraction
+    fused into it: the shift reaches the `S1` reduction through `lax.optimization_barrier`, so
+    that XLA does not share one `x - shift` between the two reductions, which on CPU writes it
+    out in full first (several times slower).
     """
     xw, weights = counted_values(x, weights)
     acc = xw.dtype
-    weighted = xw if weights is None else weights * xw
+    weighted = (lambda v: v) if weights is None else (lambda v: weights * v)
     if weights is None:
         count = 1
         for a in reduce_axes:
@@ -95,23 +95,17 @@ def _local_statistics(
         count = jnp.asarray(count, acc)
     else:
         count = jnp.sum(weights, reduce_axes, keepdims=True)
-    sum_x = jnp.sum(weighted, reduce_axes, keepdims=True)
-    sum_sq = jnp.sum(weighted * xw, reduce_axes, keepdims=True)
     safe_count = jnp.where(count == 0, 1, count)
-    mean = sum_x / safe_count
-    m2 = jnp.maximum(sum_sq - sum_x * mean, 0)
-    well_conditioned = jnp.all(m2 * CONDITION_LIMIT >= sum_sq)
-
-    def two_pass(mean):
-        deviation = xw - mean if weights is None else jnp.where(weights != 0, xw - mean, 0)
-        weighted_dev = deviation if weights is None else weights * deviation
-        correction = jnp.sum(weighted_dev, reduce_axes, keepdims=True) / safe_count
-        m2 = jnp.sum(weighted_dev * deviation, reduce_axes, keepdims=True)
-        # Second-order correction of the mean (Chan et al.): exact up to the sum's round-off.
-        return mean + correction, jnp.maximum(m2 - correction * correction * count, 0)
-
-    mean, m2 = lax.cond(well_conditioned, lambda mean: (mean, m2), two_pass, mean)
-    return jnp.broadcast_to(count, mean.shape), mean, m2
+    # Any shift gives the same statistics, and so the same derivatives: hold it constant.
+    shift = lax.stop_gradient(jnp.sum(weighted(xw), reduce_axes, keepdims=True) / safe_count)
+    sum_deviations = jnp.sum(
+        weighted(xw - lax.optimization_barrier(shift)), reduce_axes, keepdims=True
+    )
+    deviation = xw - shift
+    sum_squares = jnp.sum(weighted(deviation * deviation), reduce_axes, keepdims=True)
+    correction = sum_deviations / safe_count
+    m2 = jnp.maximum(sum_squares - correction * sum_deviations, 0)
+    return jnp.broadcast_to(count, correction.shape), shift + correction, m2
 
 
 def _merge_across_devices(count, mean, m2, axis_name, axis_index_groups):

@@ -249,7 +249,11 @@ def test_network_gradients_equal_flax_layers(image_shape):
     plain_loss, _ = network_loss(False, image_shape)
     fast_grads = jax.jit(jax.grad(fast_loss))(params)
     plain_grads = jax.jit(jax.grad(plain_loss))(params)
-    jax.tree.map(np.testing.assert_array_equal, fast_grads, plain_grads)
+    # Float32 round-off apart: XLA fuses batch norm's backward pass with its neighbours
+    # differently around the two kinds of layers (the layers' own gradients are bitwise equal to
+    # lax's, tests above). Kernel gradients off by 1e-4 (relative) fail here.
+    equal_to_round_off = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(equal_to_round_off, fast_grads, plain_grads)
     # Forward mode through the whole network (batch norm's custom_jvp, the pools, the convs).
     tangent = jax.tree.map(jnp.ones_like, params)
     fast_value, fast_tangent = jax.jit(lambda p, t: jax.jvp(fast_loss, (p,), (t,)))(params, tangent)

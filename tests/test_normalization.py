@@ -114,6 +114,23 @@ def test_forward_mode_and_hessian_match_composite(offset):
     np.testing.assert_allclose(jf, jr, rtol=1e-3, atol=1e-3 * np.max(np.abs(jr)))
 
 
+def test_statistics_and_derivatives_have_no_branch():
+    # A `lax.cond` compiles (and traces) both branches: the train step's compile time pays for
+    # both. The exactness the tests above check must come from branch-free formulas.
+    x = np.random.default_rng(5).standard_normal((8, 4, 4, 3)).astype(np.float32)
+    mask = np.arange(8)[:, None, None, None] < 6
+
+    def loss(x):
+        return jnp.sum(jnp.sin(jbn.fused_batch_norm(x, mask=mask)[0]))
+
+    for jaxpr in (
+        jax.make_jaxpr(jax.grad(loss))(x),
+        jax.make_jaxpr(lambda x, t: jax.jvp(loss, (x,), (t,)))(x, x),
+        jax.make_jaxpr(lambda x: jbn.moments(x, (0, 1, 2)))(x),
+    ):
+        assert " cond[" not in str(jaxpr)
+
+
 def test_gradient_of_returned_statistics():
     # Losses may use the returned batch statistics too (e.g. a variance penalty).
     rng = np.random.default_rng(4)
