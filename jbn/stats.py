@@ -1,6 +1,6 @@
 """Batch statistics: `moments` and `weighted_moments`, local and across devices.
 
-Numerics (see DESIGN.md):
+Numerics (README, "Numerics, and why they are what they are"):
 
 * Statistics accumulate in `promote_types(x.dtype, float32)`: float32 for bf16/fp16/float32
   inputs, float64 for float64 inputs. They are returned in that dtype too, so a bf16 network
