@@ -127,6 +127,19 @@ def check_floating_dtype(dtype, name: str) -> None:
         raise TypeError(f"{name} must be a floating dtype such as jnp.float32, got {resolved}.")
 
 
+def check_ghost_batches(batch: int, virtual_batch_size: int, feature_axes) -> None:
+    """Ghost batches split axis 0 into groups of `virtual_batch_size`: axis 0 must not be a
+    feature axis, and the batch must divide evenly."""
+    if 0 in feature_axes:
+        raise ValueError(
+            "axis must not include 0 with virtual_batch_size: ghost batches split the batch axis 0."
+        )
+    if batch % virtual_batch_size:
+        raise ValueError(
+            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}."
+        )
+
+
 def check_clipping(rmax, rmin, dmax, names=("rmax", "rmin", "dmax")) -> None:
     """Renorm clipping bounds: numbers (None = unclipped, inf allowed), not NaN, not negative,
     and `rmin <= rmax`. Traced bounds are not checked. `names` label the three in messages."""

@@ -281,15 +281,7 @@ def train_forward(
     ghost_size = options.virtual_batch_size
     batch = x.shape[0]
     if ghost_size is not None:
-        if 0 in axes:
-            raise ValueError(
-                "axis must not include 0 with virtual_batch_size: ghost batches "
-                "split the batch axis 0."
-            )
-        if batch % ghost_size:
-            raise ValueError(
-                f"The batch size {batch} is not divisible by virtual_batch_size={ghost_size}."
-            )
+        _checks.check_ghost_batches(batch, ghost_size, axes)
     if weights is not None and options.renorm:
         raise ValueError(
             "batch_weights cannot be combined with renorm=True (as in TF1); use mask for 0/1 "

@@ -308,14 +308,9 @@ def ghost_batch_norm(
     x, scale, offset, epsilon, feature_axes, _, _, mask = _prepare(
         x, scale, offset, epsilon, axis, None, None, mask
     )
-    if 0 in feature_axes:
-        raise ValueError("axis must not include 0: ghost batches split the batch axis 0.")
     virtual_batch_size = _checks.positive_int(virtual_batch_size, "virtual_batch_size")
     batch = x.shape[0]
-    if batch % virtual_batch_size:
-        raise ValueError(
-            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}."
-        )
+    _checks.check_ghost_batches(batch, virtual_batch_size, feature_axes)
     groups = batch // virtual_batch_size
     ghost_shape = (groups, virtual_batch_size, *x.shape[1:])
     ghost_x = x.reshape(ghost_shape)

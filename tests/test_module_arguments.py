@@ -112,6 +112,19 @@ def test_bad_call_arguments():
         jax.jit(lambda flag: module.apply(variables, x, is_training=flag))(True)
 
 
+def test_ghost_batches_need_a_divisible_batch_and_a_batch_axis_outside_the_features():
+    x = random_batches((6, 3), steps=1)[0]
+    ghost = jbn.BatchNorm(virtual_batch_size=4)
+    variables = ghost.init(jax.random.key(0), x, is_training=False)
+    with pytest.raises(ValueError, match="not divisible by virtual_batch_size=4"):
+        ghost.apply(variables, x, is_training=True, mutable=["batch_stats"])
+    x = random_batches((6, 4, 3), steps=1)[0]
+    over_batch = jbn.BatchNorm(virtual_batch_size=2, axis=(0, 2))
+    variables = over_batch.init(jax.random.key(0), x, is_training=False)
+    with pytest.raises(ValueError, match="axis must not include 0 with virtual_batch_size"):
+        over_batch.apply(variables, x, is_training=True, mutable=["batch_stats"])
+
+
 def test_is_training_must_be_a_bool():
     x = random_batches((4, 3), steps=1)[0]
     module = jbn.BatchNorm(decay=0.5)

@@ -237,6 +237,11 @@ def test_vmap_over_ensemble_members():
             "not divisible by virtual_batch_size=4",
         ),
         (
+            lambda: jbn.ghost_batch_norm(np.zeros((6, 4, 3)), virtual_batch_size=2, axis=(0, 2)),
+            ValueError,
+            "axis must not include 0 with virtual_batch_size",
+        ),
+        (
             lambda: jbn.ghost_batch_norm(np.zeros((6, 3)), virtual_batch_size=0),
             ValueError,
             "virtual_batch_size must be a positive int",
