@@ -78,11 +78,8 @@ PROJECT_FREE_RUNNER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    with train_testing.fast_jax(path):
-        yield path
+# The train app's fast JAX settings (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def run_project_free(tmp_path: pathlib.Path, models_and_images) -> tuple[list[np.ndarray], dict]:

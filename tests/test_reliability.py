@@ -27,12 +27,8 @@ from train import __main__ as cli
 from train import checkpoints, data, metrics
 from train import train as train_lib
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    with train_testing.fast_jax(path):
-        yield path
+# The train app's fast JAX settings (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def strict_json(text: str):

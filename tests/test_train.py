@@ -23,12 +23,8 @@ from configs import default
 from train import checkpoints, config_checks, data, devices, metrics, models, preemption
 from train import train as train_lib
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    with train_testing.fast_jax(path):
-        yield path
+# The train app's fast JAX settings (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def assert_trees_equal(a, b):
