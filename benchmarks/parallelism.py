@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import pathlib
 import platform
 import subprocess
@@ -55,11 +56,14 @@ def machine() -> str:
 def build_variants(devices: int, batch: int) -> dict[str, tuple[Callable, dict, Any]]:
     """name -> (compiled step, {'state': replicated state}, laid-out batch)."""
     from configs import default
-    from train import models
+    from train import models, xla_options
     from train import train as train_lib
     from train.devices import DeviceLayout
 
     config = default.get_config()
+    # The app's XLA options (train/devices.py's device_layout; pmap takes none).
+    options = xla_options.compiler_options(config.cpu_convolutions, jax.default_backend())
+    layout = functools.partial(DeviceLayout, compiler_options=tuple(options.items()))
     rng = np.random.default_rng(0)
     host_batch = {
         "image": rng.standard_normal((batch, 28, 28, 1)).astype(np.float32),
@@ -67,11 +71,11 @@ def build_variants(devices: int, batch: int) -> dict[str, tuple[Callable, dict, 
     }
     local = tuple(jax.local_devices()[:devices])
     layouts = {
-        "1 device": (DeviceLayout(None, local[:1], 1, 0), True),
-        "sharding": (DeviceLayout("sharding", local, 1, 0), True),
-        "pmap": (DeviceLayout("pmap", local, 1, 0), True),
-        "sharding, per-device statistics": (DeviceLayout("sharding", local, 1, 0), False),
-        "pmap, per-device statistics": (DeviceLayout("pmap", local, 1, 0), False),
+        "1 device": (layout(None, local[:1], 1, 0), True),
+        "sharding": (layout("sharding", local, 1, 0), True),
+        "pmap": (layout("pmap", local, 1, 0), True),
+        "sharding, per-device statistics": (layout("sharding", local, 1, 0), False),
+        "pmap, per-device statistics": (layout("pmap", local, 1, 0), False),
     }
     variants = {}
     for name, (layout, sync) in layouts.items():

@@ -1,12 +1,14 @@
 """Where a train step of the document's network spends its time on CPU, and what changes it.
 
     python benchmarks/profile_step.py breakdown [--batch 128] [--rounds 7] [--steps 10]
+    python benchmarks/profile_step.py convolutions [--batch 128] [--rounds 5] [--steps 10]
     python benchmarks/profile_step.py xla-flags [--batch 128] [--rounds 5] [--steps 10]
 
 `breakdown` times the parts of one step side by side (interleaved rounds, medians), for XLA
-and for PyTorch on the same network and batch (32x32x3 images, Adam, BN + ReLU). "fast" is the
-default network (train/layers.py's convolutions and max pools), "flax layers" the same network
-with flax's own (`model.fast_layers=False`):
+and for PyTorch on the same network and batch (32x32x3 images, Adam, BN + ReLU). The jax parts
+are compiled as the train app compiles its steps (the default config's `cpu_convolutions`,
+train/xla_options.py). "fast" is the default network (train/layers.py's convolutions and max
+pools), "flax layers" the same network with flax's own (`model.fast_layers=False`):
 * step: the whole train step (forward, backward, Adam, moving averages);
 * forward+backward: gradients only, no optimizer;
 * forward: the training-mode forward pass alone;
@@ -21,9 +23,15 @@ with flax's own (`model.fast_layers=False`):
 * scan x5 / unrolled x5: five steps in one dispatch, by `lax.scan` and by an unrolled loop
   (`lax.scan` of the flax-layers step is timed once: it is many times slower).
 
+`convolutions` times each of the network's five convolutions apart, on an input of its layer's
+shape: the forward pass, the input gradient and the kernel gradient, in XLA with its default
+YNNPACK convolutions (`cpu_convolutions='ynnpack'`), in XLA with Eigen's
+(`cpu_convolutions='eigen'`), and in PyTorch (channels_last), interleaved, medians.
+
 `xla-flags` runs the jbn step in a subprocess per XLA_FLAGS setting (flags are read once per
-process), the default first and last, and reports images/s relative to the mean of the two
-default runs (their spread says how much of a ratio is noise).
+process), compiled without the train app's options (XLA's defaults and the flags alone), the
+default first and last, and reports images/s relative to the mean of the two default runs
+(their spread says how much of a ratio is noise).
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ FLAG_SETTINGS = {
     "no-eigen-threads": "--xla_cpu_multi_thread_eigen=false",
     "no-thunk-runtime": "--xla_cpu_use_thunk_runtime=false",
     "no-ynn-fusion": "--xla_cpu_experimental_ynn_fusion_type=",
+    # What cpu_convolutions='eigen' asks for through jit's compiler_options.
+    "no-ynn-convolutions": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 }
 
 
@@ -120,8 +130,10 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
     def scan(step, count):
         return lambda state: jax.lax.scan(lambda s, _: (step(s), None), state, None, count)[0]
 
+    options = throughput.compiler_options()
+
     def timed(function, *args):
-        compiled = jax.jit(function)
+        compiled = jax.jit(function, compiler_options=options)
         return lambda count: [jax.block_until_ready(compiled(*args)) for _ in range(count)]
 
     def convolutions(conv, nchw: bool = False):
@@ -146,7 +158,7 @@ def jax_parts(batch: np.ndarray, labels: np.ndarray) -> dict[str, Callable[[int]
         return timed(jax.grad(loss), inputs)
 
     def donated(function, state, per_call: int = 1):
-        compiled = jax.jit(function, donate_argnums=0)
+        compiled = jax.jit(function, donate_argnums=0, compiler_options=options)
         # A copy per variant: donation deletes the buffers it is given.
         holder = {"state": jax.tree.map(jnp.copy, state)}
 
@@ -265,6 +277,112 @@ def breakdown(args: argparse.Namespace) -> None:
         print(f"| {name} | {1e3 / rate:.2f} | {step / rate:.2f} |")
 
 
+def convolution_parts(batch_size: int) -> dict[str, Callable[[int], None]]:
+    """Forward, input gradient and kernel gradient of each layer's convolution, XLA and torch."""
+    import jax
+    import jax.numpy as jnp
+    import throughput
+
+    def conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def pullback(x, kernel, cotangent):
+        return jax.vjp(conv, x, kernel)[1](cotangent)
+
+    functions = {
+        "forward": conv,
+        "input gradient": lambda x, k, dy: pullback(x, k, dy)[0],
+        "kernel gradient": lambda x, k, dy: pullback(x, k, dy)[1],
+    }
+    rng = np.random.default_rng(1)
+    parts = {}
+    for index, (shape, kernel_shape) in enumerate(CONV_SHAPES, start=1):
+        x = rng.standard_normal((batch_size, *shape)).astype(np.float32)
+        kernel = (rng.standard_normal(kernel_shape) * 0.1).astype(np.float32)
+        cotangent = rng.standard_normal((*x.shape[:-1], kernel_shape[-1])).astype(np.float32)
+        arrays = [jnp.asarray(a) for a in (x, kernel, cotangent)]
+        for choice in ("ynnpack", "eigen"):
+            options = throughput.compiler_options(choice)
+            for part, function in functions.items():
+                compiled = jax.jit(function, compiler_options=options)
+                operands = arrays[:2] if part == "forward" else arrays
+
+                def run(count, compiled=compiled, operands=operands):
+                    for _ in range(count):
+                        jax.block_until_ready(compiled(*operands))
+
+                parts[f"conv{index} {part} | XLA {choice}"] = run
+        parts.update(torch_convolution_parts(index, x, kernel, cotangent))
+    return parts
+
+
+def torch_convolution_parts(index: int, x, kernel, cotangent) -> dict[str, Callable[[int], None]]:
+    """The same convolution in PyTorch, channels_last, by `torch.ops.aten.convolution_backward`."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    channels_last = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    x_t = channels_last(x).contiguous(memory_format=torch.channels_last)
+    dy_t = channels_last(cotangent).contiguous(memory_format=torch.channels_last)
+    kernel_t = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    kernel_t = kernel_t.contiguous(memory_format=torch.channels_last)
+
+    def forward(count):
+        with torch.no_grad():
+            for _ in range(count):
+                torch.nn.functional.conv2d(x_t, kernel_t, padding=1)
+
+    def backward(mask):
+        def run(count):
+            for _ in range(count):
+                torch.ops.aten.convolution_backward(
+                    dy_t, x_t, kernel_t, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
+                )
+
+        return run
+
+    return {
+        f"conv{index} forward | torch channels_last": forward,
+        f"conv{index} input gradient | torch channels_last": backward([True, False, False]),
+        f"conv{index} kernel gradient | torch channels_last": backward([False, True, False]),
+    }
+
+
+def convolutions(args: argparse.Namespace) -> None:
+    rates = median_rates(convolution_parts(args.batch), args.rounds, args.steps)
+    milliseconds: dict[str, dict[str, float]] = {}
+    for name, rate in rates.items():
+        part, implementation = name.split(" | ")
+        milliseconds.setdefault(part, {})[implementation] = 1e3 / rate
+    columns = ["XLA ynnpack", "XLA eigen", "torch channels_last"]
+    print(header(args))
+    print(
+        "| convolution | " + " | ".join(f"{c} ms" for c in columns) + " | ynnpack / eigen |"
+        " eigen / torch |"
+    )
+    print("|---|" + "---|" * (len(columns) + 2))
+    totals = dict.fromkeys(columns, 0.0)
+    for part, times in milliseconds.items():
+        cells = [f"{times[c]:.2f}" if c in times else "-" for c in columns]
+        ratios = [times["XLA ynnpack"] / times["XLA eigen"]]
+        if "torch channels_last" in times:
+            ratios.append(times["XLA eigen"] / times["torch channels_last"])
+        cells += [f"{r:.2f}" for r in ratios] + ["-"] * (2 - len(ratios))
+        print(f"| {part} | " + " | ".join(cells) + " |")
+        if not part.startswith("conv1 input"):  # the images need no gradient in training
+            for column in columns:
+                totals[column] += times.get(column, float("nan"))
+    print(
+        "| all a train step needs (no conv1 input gradient) | "
+        + " | ".join(f"{totals[c]:.2f}" for c in columns)
+        + f" | {totals['XLA ynnpack'] / totals['XLA eigen']:.2f}"
+        + f" | {totals['XLA eigen'] / totals['torch channels_last']:.2f} |"
+    )
+
+
 def measure_in_subprocess(args: argparse.Namespace) -> None:
     """The child of `xla-flags`: prints one JSON line with the jbn step's images/s."""
     import jax
@@ -274,7 +392,11 @@ def measure_in_subprocess(args: argparse.Namespace) -> None:
     batch = rng.standard_normal((args.batch, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(0, 10, args.batch).astype(np.int32)
     run = throughput.jax_variant(
-        throughput.default_model_config(), batch=batch, labels=labels, donate=True
+        throughput.default_model_config(),
+        batch=batch,
+        labels=labels,
+        donate=True,
+        cpu_convolutions="ynnpack",  # no compiler options: the flags alone
     )
     rate = median_rates({"step": run}, args.rounds, args.steps)["step"]
     print(json.dumps({"images_per_s": rate * args.batch, "jax": jax.__version__}))
@@ -324,16 +446,20 @@ def header(args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["breakdown", "xla-flags", "child"])
+    parser.add_argument("mode", choices=["breakdown", "convolutions", "xla-flags", "child"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     if args.steps % 5:
         parser.error("--steps must be a multiple of 5 (the x5 variants run 5 steps per call)")
-    {"breakdown": breakdown, "xla-flags": xla_flags, "child": measure_in_subprocess}[args.mode](
-        args
-    )
+    modes = {
+        "breakdown": breakdown,
+        "convolutions": convolutions,
+        "xla-flags": xla_flags,
+        "child": measure_in_subprocess,
+    }
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

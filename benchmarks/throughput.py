@@ -8,10 +8,13 @@ softmax cross-entropy) on the same random batch, and the variants are interleave
 runs `--steps` steps of every variant in turn, so load changes on a shared machine hit all of
 them alike. The table reports the median over rounds of images/s and ratios to `jbn`.
 
-JAX variants:
+JAX variants, each compiled as the train app compiles its steps (on CPU with the XLA options of
+the default config's `cpu_convolutions`, 'eigen': train/xla_options.py) unless said otherwise:
 * jbn: `jbn.BatchNorm` (the default config's network, with the convolutions and max pools of
   train/layers.py), one jitted step per dispatch, the train state donated so XLA updates it in
   place;
+* jbn-ynnpack-convs: `jbn` compiled with XLA's default options, i.e. with its YNNPACK
+  convolutions (`cpu_convolutions='ynnpack'`);
 * jbn-flax-layers: `jbn` with flax's own convolutions and max pools (`model.fast_layers=False`);
 * flax: the default network with `flax.linen.BatchNorm(use_fast_variance=True)` (flax's
   default) in place of `jbn.BatchNorm`;
@@ -22,8 +25,9 @@ PyTorch variants (if torch is installed, `pip install 'jbn[torch]'`): NCHW and c
 `torch.nn.BatchNorm2d(momentum=1 - decay, eps=epsilon)`.
 
 A second table gives the time to trace and compile the train step of `jbn`, `flax` and
-`jbn-flax-layers`, interleaved over `--compile-rounds` rounds (each a fresh model and `jit`, so
-no cache is hit; the persistent compilation cache is off), medians and ratios to `flax`.
+`jbn-flax-layers` (all with the default config's XLA options), interleaved over
+`--compile-rounds` rounds (each a fresh model and `jit`, so no cache is hit; the persistent
+compilation cache is off), medians and ratios to `flax`.
 """
 
 from __future__ import annotations
@@ -44,17 +48,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import models
+from train import models, xla_options
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def default_model_config():
-    """The `model` sub-config of configs/default.py (configs/ is a folder of files, no package)."""
+def default_config():
+    """configs/default.py's config (configs/ is a folder of files, no package)."""
     spec = importlib.util.spec_from_file_location("default_config", REPO / "configs" / "default.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config().model
+    return module.get_config()
+
+
+def default_model_config():
+    """The `model` sub-config of configs/default.py."""
+    return default_config().model
+
+
+def compiler_options(cpu_convolutions: str | None = None) -> dict[str, str]:
+    """The XLA options the train app compiles its steps with on this backend (train/devices.py),
+    for `cpu_convolutions` (default: the default config's)."""
+    choice = cpu_convolutions or default_config().cpu_convolutions
+    return xla_options.compiler_options(choice, jax.default_backend())
 
 
 def jax_loss(model) -> Callable:
@@ -93,8 +109,17 @@ def jax_initial_state(model, optimizer: optax.GradientTransformation, batch: np.
     return params, variables.get("batch_stats", {}), optimizer.init(params)
 
 
-def jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 1) -> Callable:
-    """Returns run(steps) that performs `steps` training steps (a multiple of scan_steps)."""
+def jax_variant(
+    model_config,
+    batch,
+    labels,
+    *,
+    donate: bool,
+    scan_steps: int = 1,
+    cpu_convolutions: str | None = None,
+) -> Callable:
+    """Returns run(steps) that performs `steps` training steps (a multiple of scan_steps),
+    compiled with `compiler_options(cpu_convolutions)`."""
     model = models.create_model(model_config, num_classes=10)
     optimizer = optax.adam(1e-3)
     state = jax_initial_state(model, optimizer, batch)
@@ -108,9 +133,14 @@ def jax_variant(model_config, batch, labels, *, donate: bool, scan_steps: int = 
 
             return jax.lax.scan(body, state, None, length=scan_steps)[0]
 
-        compiled = jax.jit(multi_step, donate_argnums=(0,) if donate else ())
+        step_fn = multi_step
     else:
-        compiled = jax.jit(step, donate_argnums=(0,) if donate else ())
+        step_fn = step
+    compiled = jax.jit(
+        step_fn,
+        donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options(cpu_convolutions),
+    )
     images, labels = jnp.asarray(batch), jnp.asarray(labels)
     holder = {"state": state}
 
@@ -127,7 +157,9 @@ def compile_seconds(model_config, batch, labels) -> tuple[float, float]:
     model = models.create_model(model_config, num_classes=10)
     optimizer = optax.adam(1e-3)
     state = jax_initial_state(model, optimizer, batch)
-    step = jax.jit(jax_train_step(model, optimizer), donate_argnums=(0,))
+    step = jax.jit(
+        jax_train_step(model, optimizer), donate_argnums=(0,), compiler_options=compiler_options()
+    )
     start = time.perf_counter()
     lowered = step.lower(state, jnp.asarray(batch), jnp.asarray(labels))
     traced = time.perf_counter()
@@ -244,6 +276,7 @@ def main() -> None:
     variant = functools.partial(jax_variant, batch=batch, labels=labels)
     variants: dict[str, Callable] = {
         "jbn": variant(config, donate=True),
+        "jbn-ynnpack-convs": variant(config, donate=True, cpu_convolutions="ynnpack"),
         "jbn-flax-layers": variant(flax_layers_config, donate=True),
         "flax": variant(flax_config, donate=True),
         **({f"jbn-scan{scan}": variant(config, donate=True, scan_steps=scan)} if scan else {}),

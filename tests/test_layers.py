@@ -16,7 +16,7 @@ import pytest
 from jax import lax
 
 from configs import default
-from train import layers, models
+from train import layers, models, xla_options
 
 # (input shape, window, padding): even and odd sizes (28 -> 14 -> 7 -> 4 is the network's SAME
 # case), VALID cropping, a 3x3 window whose SAME padding splits low and high, two batch axes.
@@ -124,6 +124,12 @@ CONV_CASES = [
     ((2, 6, 6, 4), (2, 3, 4, 4), ((1, 0), (2, 1))),
     ((2, 5, 5, 4), (1, 1, 4, 3), "SAME"),
 ]
+# The network's second layer at batch 8: wide enough for XLA's YNNPACK convolutions.
+NETWORK_CONV_CASE = ((8, 16, 16, 64), (3, 3, 64, 64), "SAME")
+# XLA's default convolutions (YNNPACK) and the training's (config.cpu_convolutions='eigen').
+COMPILER_OPTIONS = {
+    choice: xla_options.compiler_options(choice, "cpu") for choice in xla_options.CPU_CONVOLUTIONS
+}
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -138,16 +144,18 @@ def conv_fn(conv, padding, **kwargs):
     return lambda x, kernel: conv(x, kernel, (1, 1), padding, dimension_numbers=NHWC, **kwargs)
 
 
-@pytest.mark.parametrize("x_shape,kernel_shape,padding", CONV_CASES)
-def test_conv_values_and_gradients_equal_lax(x_shape, kernel_shape, padding):
+@pytest.mark.parametrize("cpu_convolutions", COMPILER_OPTIONS)
+@pytest.mark.parametrize("x_shape,kernel_shape,padding", [*CONV_CASES, NETWORK_CONV_CASE])
+def test_conv_values_and_gradients_equal_lax(x_shape, kernel_shape, padding, cpu_convolutions):
     x, kernel = conv_inputs(x_shape, kernel_shape)
     fast = conv_fn(layers.conv_general_dilated, padding)
     plain = conv_fn(lax.conv_general_dilated, padding)
     cotangent = np.random.default_rng(1).standard_normal(plain(x, kernel).shape).astype(np.float32)
-    grads = lambda conv: jax.jit(
+    jit = functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS[cpu_convolutions])
+    grads = lambda conv: jit(
         jax.grad(lambda x, k: jnp.sum(conv(x, k) * cotangent), argnums=(0, 1))
     )(x, kernel)
-    np.testing.assert_array_equal(jax.jit(fast)(x, kernel), jax.jit(plain)(x, kernel))
+    np.testing.assert_array_equal(jit(fast)(x, kernel), jit(plain)(x, kernel))
     for fast_grad, plain_grad in zip(grads(fast), grads(plain)):
         np.testing.assert_array_equal(fast_grad, plain_grad)
 

@@ -51,6 +51,8 @@ RUN_CONTROL_FIELDS = frozenset(
         "num_devices",
         "num_cpu_devices",
         "parallelism",
+        # The same convolutions to float32 round-off (the summation order differs).
+        "cpu_convolutions",
         "dataset.source",
         "dataset.data_dir",
         "dataset.tfds_data_dir",

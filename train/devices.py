@@ -2,7 +2,8 @@
 
 `device_layout(config)` picks the layout `config.num_devices` and `config.parallelism` ask for;
 a `DeviceLayout` lays host batches and state out for its devices and compiles the steps of
-`train/train.py` for them. The multi-process setup those devices may come from is in
+`train/train.py` for them, with the XLA options of `config.cpu_convolutions`
+(`train/xla_options.py`). The multi-process setup those devices may come from is in
 `train/distributed.py`.
 """
 
@@ -21,6 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from train import xla_options
 from train.config_checks import ConfigError
 
 # Name of the device axis (pmap's axis, the mesh's axis): pmap and shard_map average gradients
@@ -54,6 +56,9 @@ class DeviceLayout:
     local_devices: tuple[jax.Device, ...]
     num_processes: int
     process_index: int
+    # (name, value) pairs for `jax.jit(compiler_options=)` (xla_options.compiler_options);
+    # pmap takes none.
+    compiler_options: tuple[tuple[str, str], ...] = ()
 
     @property
     def parallel(self) -> bool:
@@ -153,11 +158,13 @@ class DeviceLayout:
         One device: `jit`. pmap: `pmap` with `axis_name=AXIS_NAME`. Sharding: `jit` with the
         state replicated and the batch sharded, in and out; `step` sees the global batch with
         `axis_name=None`, or, with `per_device`, runs on each device's shard under shard_map
-        with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices).
+        with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices). Both `jit`s
+        take the layout's `compiler_options`.
         """
         donate = (0,) if donate_state else ()
+        options = dict(self.compiler_options)
         if self.parallelism is None:
-            return jax.jit(step, donate_argnums=donate)
+            return jax.jit(step, donate_argnums=donate, compiler_options=options)
         if self.parallelism == "pmap":
             return jax.pmap(
                 functools.partial(step, axis_name=AXIS_NAME),
@@ -181,6 +188,7 @@ class DeviceLayout:
             in_shardings=(self._replicated, self._batch_sharding),
             out_shardings=self._replicated,
             donate_argnums=donate,
+            compiler_options=options,
         )
 
     def any_process(self, flag: bool) -> bool:
@@ -214,11 +222,18 @@ def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
         raise ConfigError(
             f"a multi-process job uses all local devices; set num_devices=-1 (got {requested})"
         )
+    try:
+        options = xla_options.compiler_options(
+            config.get("cpu_convolutions", "eigen"), available[0].platform
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return DeviceLayout(
         parallelism=parallelism if count > 1 or num_processes > 1 else None,
         local_devices=tuple(available[:count]),
         num_processes=num_processes,
         process_index=jax.process_index(),
+        compiler_options=tuple(options.items()),
     )
 
 
