@@ -80,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
     # The library XLA runs convolutions in on CPU (train/xla_options.py): 'eigen', the faster
     # at this network's shapes, or 'ynnpack', XLA's default. Same math to float32 round-off.
     config.cpu_convolutions = "eigen"
+    # Training steps per call of the compiled program (one lax.scan over a stack of batches):
+    # fewer per-call costs, the same numbers. The loop logs, evaluates, saves and stops only
+    # between calls, so steps with such events run singly; a signal takes effect at the end of
+    # the call it arrives in. 1: one step per call.
+    config.steps_per_dispatch = 4
 
     config.log_every_steps = 50
     # Test-set evaluation (and a checkpoint) at each epoch's end and, when > 0, every this many

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from train.train import Cadence, Events, events_at
+from train.train import Cadence, Events, events_at, steps_in_dispatch
 
 
 def reference_run(cadence: Cadence, signal_at: int | None = None) -> dict[int, Events]:
@@ -108,3 +108,49 @@ def test_a_stop_at_the_last_step_is_named_and_evaluates():
     )
     events = events_at(6, Cadence(4, 8, 5, 0, None), "SIGINT")
     assert events == Events(log=False, evaluate=False, save=True, stopped_by="SIGINT", done=True)
+
+
+def dispatches_of(cadence: Cadence, steps_per_dispatch: int, start: int = 0) -> list[int]:
+    """The sizes of the loop's dispatches from step `start` to the end, per `steps_in_dispatch`."""
+    sizes, step = [], start
+    while step < cadence.total_steps:
+        sizes.append(steps_in_dispatch(step, cadence, steps_per_dispatch))
+        step += sizes[-1]
+    return sizes
+
+
+# Longer logging periods too: with logs every 1-3 steps a dispatch of 4 never fits.
+DISPATCH_CADENCES = SMALL_CADENCES + [
+    Cadence(spe, total, log_every, eval_every, stop)
+    for spe, total, log_every, eval_every, stop in itertools.product(
+        (5, 8, 100), (7, 16, 23), (4, 5, 50), (0, 6), (None, 9)
+    )
+]
+
+
+@pytest.mark.parametrize("steps_per_dispatch", [1, 2, 3, 4])
+def test_dispatches_end_at_every_event_and_are_as_long_as_they_may_be(steps_per_dispatch):
+    longer_dispatches = 0
+    for cadence in DISPATCH_CADENCES:
+        # The steps after which the loop acts (logs, saves or stops), from the enumeration of
+        # the whole run, and the requested stop (a resumed run goes on after it).
+        whole_run = reference_run(cadence._replace(stop_after_steps=None))
+        acts = {step for step, events in whole_run.items() if events.log or events.save}
+        acts |= {cadence.total_steps, cadence.stop_after_steps} - {None}
+        for start in range(cadence.total_steps):
+            sizes = dispatches_of(cadence, steps_per_dispatch, start)
+            ends = set(itertools.accumulate(sizes, initial=start)) - {start}
+            due = {a for a in acts if start < a <= cadence.total_steps}
+            assert ends.issuperset(due), (cadence, start, sizes)
+            assert sum(sizes) == cadence.total_steps - start
+            step = start
+            for size in sizes:
+                assert size in (1, steps_per_dispatch)
+                if size == 1 and steps_per_dispatch > 1:  # only where a longer one may not run
+                    window = range(step + 1, step + steps_per_dispatch)
+                    assert step + steps_per_dispatch > cadence.total_steps or any(
+                        s in acts for s in window
+                    ), (cadence, start, sizes)
+                step += size
+            longer_dispatches += sizes.count(steps_per_dispatch) if steps_per_dispatch > 1 else 0
+    assert steps_per_dispatch == 1 or longer_dispatches > 1000

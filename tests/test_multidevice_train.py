@@ -113,8 +113,9 @@ def measure_on_four_devices() -> dict:
     unsynced_pmap, unsynced_sharding = (results[k].pop("unsynced") for k in ("pmap", "sharding"))
     results["unsynced_layouts_close"] = _within_round_off(unsynced_pmap, unsynced_sharding)
 
-    # The whole loop on 4 devices (sharding, the default): 2 epochs of 4 steps, then the same
-    # stopped after step 3 and resumed, then without synchronized statistics. Then a run that
+    # The whole loop on 4 devices (sharding, the default; 4 steps per call): 2 epochs of 4
+    # steps, then the same stopped after step 3 and resumed, then without synchronized
+    # statistics, then with one step per call, also under pmap. Then a run that
     # moves between layouts at every checkpoint: 1 device, sharding, pmap, 1 device.
     config.num_devices, config.model.sync_batch_stats = -1, True
     with tempfile.TemporaryDirectory() as workdir:
@@ -127,6 +128,16 @@ def measure_on_four_devices() -> dict:
         config.model.sync_batch_stats = False
         unsynced_run = train_lib.train_and_evaluate(config, os.path.join(workdir, "unsynced"))
         config.model.sync_batch_stats = True
+
+        # One step per call instead of 4 (scanned over stacked batches): the same run, under
+        # sharding and under pmap.
+        config.steps_per_dispatch = 1
+        single_calls = train_lib.train_and_evaluate(config, os.path.join(workdir, "single"))
+        config.parallelism = "pmap"
+        pmap_single_calls = train_lib.train_and_evaluate(config, os.path.join(workdir, "p1"))
+        config.steps_per_dispatch = 4
+        pmap_run = train_lib.train_and_evaluate(config, os.path.join(workdir, "pmap"))
+        config.parallelism = "sharding"
 
         config.num_devices = 1
         one_device = train_lib.train_and_evaluate(config, os.path.join(workdir, "one"))
@@ -149,6 +160,10 @@ def measure_on_four_devices() -> dict:
         loop_stopped_at=int(stopped.state.step),
         loop_resumed_from=resumed.summary["resumed_from_step"],
         loop_resume_equal=resumed.summary["state_sha256"] == full.summary["state_sha256"],
+        single_calls_equal=single_calls.summary["state_sha256"] == full.summary["state_sha256"],
+        pmap_single_calls_equal=(
+            pmap_single_calls.summary["state_sha256"] == pmap_run.summary["state_sha256"]
+        ),
         unsynced_loop_test_loss=unsynced_run.summary["test_loss"],
         travel_steps=travelled,
         travel_resumed_from=leg.summary["resumed_from_step"],
@@ -196,6 +211,7 @@ def test_sharding_and_pmap_on_four_devices(tmp_path_factory):
     assert measured["loop_test_accuracy"] > 0.25  # chance is 0.1
     assert (measured["loop_stopped_at"], measured["loop_resumed_from"]) == (3, 3)
     assert measured["loop_resume_equal"]
+    assert measured["single_calls_equal"] and measured["pmap_single_calls_equal"]
     assert np.isfinite(measured["unsynced_loop_test_loss"])
 
     # 1 device -> sharding on 4 -> pmap on 4 -> 1 device, one checkpoint each: the same run.

@@ -97,6 +97,27 @@ def test_resume_after_stops_equals_uninterrupted_run(uninterrupted, tmp_path):
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 32
 
 
+def test_steps_per_dispatch_changes_nothing_but_the_calls(tmp_path):
+    """One step per call, or 4 (a lax.scan; singles around the logs every 5 steps): bitwise
+    the same run, and the same logged means."""
+    runs = {}
+    for steps_per_dispatch in (1, 4):
+        workdir = tmp_path / str(steps_per_dispatch)
+        config = smoke_config(steps_per_dispatch=steps_per_dispatch, log_every_steps=5)
+        result = train_lib.train_and_evaluate(config, str(workdir))
+        logged = [
+            (e["step"], e["loss"], e["accuracy"])
+            for e in metrics.read_events(str(workdir / "metrics.jsonl"))
+            if e["event"] == "train"
+        ]
+        runs[steps_per_dispatch] = result, logged
+    (single, single_logged), (stacked, stacked_logged) = runs[1], runs[4]
+    assert_trees_equal(learned_state(stacked.state), learned_state(single.state))
+    assert stacked_logged == single_logged
+    assert [step for step, _, _ in stacked_logged] == [5, 10, 15, 16, 20, 25, 30, 32]
+    assert stacked.summary["train_images_per_s"] > 0
+
+
 def test_eval_every_steps_adds_evaluations_without_changing_training(uninterrupted, tmp_path):
     """Evaluating mid-epoch (every 6 steps of 16-step epochs) leaves training bitwise equal."""
     _, reference = uninterrupted
@@ -314,6 +335,7 @@ def fake_layout(num_devices: int) -> devices.DeviceLayout:
         ({"model.renorm": True, "model.renorm_rmax": 0.0}, r"1 / model.renorm_rmax \(inf\)"),
         ({"num_epochs": 0}, "num_epochs must be >= 1"),
         ({"eval_every_steps": -1}, "eval_every_steps must be >= 0"),
+        ({"steps_per_dispatch": 0}, "steps_per_dispatch must be >= 1"),
     ],
 )
 def test_bad_config_values_are_named(override, message):

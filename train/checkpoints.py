@@ -53,6 +53,8 @@ RUN_CONTROL_FIELDS = frozenset(
         "parallelism",
         # The same convolutions to float32 round-off (the summation order differs).
         "cpu_convolutions",
+        # The same steps, bitwise, however many run per call.
+        "steps_per_dispatch",
         "dataset.source",
         "dataset.data_dir",
         "dataset.tfds_data_dir",

@@ -54,6 +54,10 @@ def check_config(config: ml_collections.ConfigDict, layout: DeviceLayout) -> Non
         f"{config.eval_every_steps}",
     )
     _require(config.checkpoint_max_to_keep >= 1, "checkpoint_max_to_keep must be >= 1")
+    _require(
+        config.steps_per_dispatch >= 1,
+        f"steps_per_dispatch must be >= 1, got {config.steps_per_dispatch}",
+    )
     stop = config.stop_after_steps
     _require(stop is None or stop >= 1, f"stop_after_steps must be >= 1, got {stop}")
     _check_optimizer(config.optimizer)

@@ -92,32 +92,42 @@ class DeviceLayout:
     def _replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
-    @property
-    def _batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(AXIS_NAME))
+    def _batch_spec(self, stacked: bool) -> P:
+        """The batch axis sharded: the leading one, or the second of a stack of batches."""
+        return P(None, AXIS_NAME) if stacked else P(AXIS_NAME)
 
-    def _process_slice(self, x: np.ndarray) -> np.ndarray:
-        """This process's contiguous share of a global batch."""
-        per_process = x.shape[0] // self.num_processes
+    def _process_slice(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """This process's contiguous share of a global batch whose examples run along `axis`."""
+        per_process = x.shape[axis] // self.num_processes
         start = self.process_index * per_process
-        return x[start : start + per_process]
+        return x[(slice(None),) * axis + (slice(start, start + per_process),)]
 
-    def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """A global host batch (the same in every process) laid out for the compiled steps."""
+    def shard(self, batch: Mapping[str, np.ndarray], stacked: bool = False) -> dict[str, Any]:
+        """A global host batch (the same in every process) laid out for the compiled steps.
+
+        With `stacked`, every array holds several batches along a leading axis (the input of
+        `compile(..., stacked=True)`); each batch is split over the devices as a single one is.
+        """
         if self.parallelism is None:
             return dict(batch)
+        batch_axis = 1 if stacked else 0
         if self.parallelism == "sharding":
+            sharding = NamedSharding(self.mesh, self._batch_spec(stacked))
             return {
                 name: jax.make_array_from_process_local_data(
-                    self._batch_sharding, self._process_slice(np.asarray(x)), np.shape(x)
+                    sharding, self._process_slice(np.asarray(x), batch_axis), np.shape(x)
                 )
                 for name, x in batch.items()
             }
         local_count = len(self.local_devices)
 
         def local_shards(x: np.ndarray) -> np.ndarray:
-            x = self._process_slice(x)
-            return x.reshape((local_count, x.shape[0] // local_count, *x.shape[1:]))
+            x = self._process_slice(x, batch_axis)
+            per_device = x.shape[batch_axis] // local_count
+            x = x.reshape(
+                (*x.shape[:batch_axis], local_count, per_device, *x.shape[batch_axis + 1 :])
+            )
+            return np.moveaxis(x, batch_axis, 0)  # pmap maps over the leading axis
 
         return {name: local_shards(np.asarray(x)) for name, x in batch.items()}
 
@@ -151,7 +161,11 @@ class DeviceLayout:
         return jax.device_get(self.local_copy(tree))
 
     def compile(
-        self, step: Callable[..., Any], donate_state: bool, per_device: bool = False
+        self,
+        step: Callable[..., Any],
+        donate_state: bool,
+        per_device: bool = False,
+        stacked: bool = False,
     ) -> Callable[..., Any]:
         """Compiles a `step(state, batch, axis_name=)` function for this layout.
 
@@ -159,7 +173,8 @@ class DeviceLayout:
         state replicated and the batch sharded, in and out; `step` sees the global batch with
         `axis_name=None`, or, with `per_device`, runs on each device's shard under shard_map
         with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices). Both `jit`s
-        take the layout's `compiler_options`.
+        take the layout's `compiler_options`. With `stacked`, `batch` is a stack of batches
+        (`shard(..., stacked=True)`), split over the devices along its second axis.
         """
         donate = (0,) if donate_state else ()
         options = dict(self.compiler_options)
@@ -179,13 +194,13 @@ class DeviceLayout:
             step = jax.shard_map(
                 functools.partial(step, axis_name=AXIS_NAME),
                 mesh=self.mesh,
-                in_specs=(P(), P(AXIS_NAME)),
+                in_specs=(P(), self._batch_spec(stacked)),
                 out_specs=P(),
                 check_vma=False,
             )
         return jax.jit(
             step,
-            in_shardings=(self._replicated, self._batch_sharding),
+            in_shardings=(self._replicated, NamedSharding(self.mesh, self._batch_spec(stacked))),
             out_shardings=self._replicated,
             donate_argnums=donate,
             compiler_options=options,

@@ -193,8 +193,8 @@ def count_params(params: Any) -> int:
 class TrainLog:
     """Averages step metrics between log events and times training throughput.
 
-    Throughput leaves out this invocation's first step (it includes compilation) and the pauses
-    for evaluation and checkpointing.
+    Throughput leaves out this invocation's first dispatch (it includes compilation), dispatches
+    added with `timed=False`, and the pauses for evaluation and checkpointing.
     """
 
     def __init__(self, batch_size: int):
@@ -205,25 +205,32 @@ class TrainLog:
         self._paused = 0.0
         self.timed_images = 0
 
-    def add(self, step_metrics: dict[str, jax.Array]) -> None:
-        # Wait for the step before this one: the host prepares the next batch while a step
-        # runs, yet never runs ahead by more than one, so the progress bar tells the truth.
+    def add(self, step_metrics: dict[str, jax.Array], steps: int = 1, timed: bool = True) -> None:
+        """Adds one dispatch's metrics: scalars for one step, stacked (steps,) for several.
+
+        `timed=False`: its steps are left out of the throughput (the caller paused the clock
+        around it, e.g. while it compiled).
+        """
+        # Wait for the dispatch before this one: the host prepares the next batches while a
+        # dispatch runs, yet never runs ahead by more than one, so the progress bar tells the
+        # truth.
         if self._window:
             jax.block_until_ready(self._window[-1])
         self._window.append(step_metrics)
         if self._clock_start is None:
             jax.block_until_ready(step_metrics)
             self._clock_start = self._window_start = time.perf_counter()
-        else:
-            self._window_images += self.batch_size
-            self.timed_images += self.batch_size
+        elif timed:
+            self._window_images += self.batch_size * steps
+            self.timed_images += self.batch_size * steps
 
     def flush(self) -> dict[str, float]:
         """Mean loss and accuracy since the last flush, and the images/s of those steps."""
         values = jax.device_get(self._window)
         seconds = time.perf_counter() - self._window_start
+        # The mean over steps: a dispatch of several steps holds one value per step.
         logged = {
-            name: float(np.mean([np.mean(v[name]) for v in values]))
+            name: float(np.mean(np.concatenate([np.ravel(v[name]) for v in values])))
             for name in ("loss", "accuracy")
         }
         logged["images_per_s"] = self._window_images / max(seconds, 1e-9)

@@ -3,7 +3,8 @@
 Structure (as flax's examples/imagenet): `train_step` and `eval_step` are pure functions of
 (state, batch), compiled for the run's device layout (`train/devices.py`); `setup` builds
 everything a run needs (data, model, state restored from the workdir's latest checkpoint,
-compiled steps); `events_at` says after which step to log, evaluate, save and stop; and
+compiled steps); `events_at` says after which step to log, evaluate, save and stop,
+`steps_in_dispatch` how many steps one call of the compiled program runs; and
 `train_and_evaluate` runs the loop.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -24,6 +27,7 @@ import numpy as np
 import optax
 import tqdm
 from flax.training import train_state
+from jax import lax
 
 from train import checkpoints, data, devices, metrics, models, preemption
 from train.config_checks import ConfigError, check_config
@@ -224,6 +228,26 @@ def train_step_averaging_statistics(
     ), step_metrics
 
 
+def scanned(
+    step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`step_fn` run over a stack of batches in one program: `lax.scan` over their leading axis.
+
+    Returns steps(state, batches, axis_name=None) -> (state, metrics of every step, stacked).
+    Each step computes what `step_fn` computes alone (tests/test_train.py checks that runs with
+    and without stacking end bitwise equal); one dispatch of several steps saves the per-call
+    costs of XLA:CPU, most of all its fresh buffers, which the kernel zero-fills page by page
+    at every call (config.steps_per_dispatch).
+    """
+
+    def steps(state, batches, axis_name=None):
+        return lax.scan(
+            lambda state, batch: step_fn(state, batch, axis_name=axis_name), state, batches
+        )
+
+    return steps
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -280,6 +304,22 @@ class Events(NamedTuple):
     done: bool
 
 
+def steps_in_dispatch(step: int, cadence: Cadence, steps_per_dispatch: int) -> int:
+    """How many training steps the dispatch after step `step` runs: 1 or `steps_per_dispatch`.
+
+    The loop acts (logs, evaluates, saves, stops) only between dispatches, so a dispatch runs
+    `steps_per_dispatch` steps when none of its steps but the last has an event (`events_at`
+    without a signal), and a single step otherwise. The last step of the run is an event, so no
+    dispatch runs past it. Two sizes only: each is a program of its own to compile. A signal is
+    honoured after the dispatch it arrives in.
+    """
+    for inner in range(step + 1, step + steps_per_dispatch):
+        events = events_at(inner, cadence)
+        if events.log or events.save or events.done:
+            return 1
+    return steps_per_dispatch
+
+
 def events_at(step: int, cadence: Cadence, signal_name: str | None = None) -> Events:
     """What happens after training step `step` (counted from 1, over all epochs).
 
@@ -322,6 +362,8 @@ class Run(NamedTuple):
     checkpointer: checkpoints.Checkpointer
     writer: metrics.MetricsWriter
     train_fn: Callable[..., Any]  # compiled train_step(state, batch)
+    # compiled scanned(train_step)(state, stacked batches), or None (steps_per_dispatch == 1)
+    train_steps_fn: Callable[..., Any] | None
     eval_fn: Callable[..., Any]  # compiled eval_step(state, batch)
     one_copy: Callable[[TrainState], TrainState]  # averages per-device statistics, if any
     started: float  # time.perf_counter() when setup began
@@ -337,6 +379,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     started = time.perf_counter()
     layout = devices.device_layout(config)
     check_config(config, layout)
+    if config.steps_per_dispatch > 1 and not config.model.fast_layers:
+        warnings.warn(
+            "steps_per_dispatch > 1 with model.fast_layers=False: inside lax.scan XLA:CPU runs "
+            "the gradients of flax's own convolutions and max pools many times slower (40x "
+            "measured, README); set steps_per_dispatch=1 to compare flax's layers",
+            stacklevel=2,
+        )
     checkpointer = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint_max_to_keep
     )
@@ -359,7 +408,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         metrics.write_json(checkpoints.config_to_json(config), os.path.join(workdir, "config.json"))
         if resumed_from is not None:
             print(f"Resuming from {checkpointer.directory}/{resumed_from} (step {start_step}).")
-    train_fn, one_copy = _compile_training(config, layout)
+    train_fn, train_steps_fn, one_copy = _compile_training(config, layout)
     return Run(
         config=config,
         workdir=workdir,
@@ -380,6 +429,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         checkpointer=checkpointer,
         writer=writer,
         train_fn=train_fn,
+        train_steps_fn=train_steps_fn,
         eval_fn=layout.compile(eval_step, donate_state=False),
         one_copy=one_copy,
         started=started,
@@ -388,22 +438,27 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 def _compile_training(
     config: ml_collections.ConfigDict, layout: devices.DeviceLayout
-) -> tuple[Callable[..., Any], Callable[[TrainState], TrainState]]:
-    """The compiled train step, and what makes one copy of the state out of the devices' own."""
+) -> tuple[Callable[..., Any], Callable[..., Any] | None, Callable[[TrainState], TrainState]]:
+    """The compiled train step, the compiled multi-step program (None for one step per
+    dispatch), and what makes one copy of the state out of the devices' own."""
     per_device_statistics = layout.parallel and not config.model.sync_batch_stats
-    if per_device_statistics and layout.parallelism == "sharding":
-        train_fn = layout.compile(
-            train_step_averaging_statistics, donate_state=True, per_device=True
+    per_device = per_device_statistics and layout.parallelism == "sharding"
+    step_fn = train_step_averaging_statistics if per_device else train_step
+    train_fn = layout.compile(step_fn, donate_state=True, per_device=per_device)
+    train_steps_fn = None
+    if config.steps_per_dispatch > 1:
+        train_steps_fn = layout.compile(
+            scanned(step_fn), donate_state=True, per_device=per_device, stacked=True
         )
-    else:
-        train_fn = layout.compile(train_step, donate_state=True)
     if not (per_device_statistics and layout.parallelism == "pmap"):
-        return train_fn, lambda replicated: replicated
+        return train_fn, train_steps_fn, lambda replicated: replicated
     # Every device keeps its own moving statistics; they are averaged whenever one copy is
     # needed (evaluation, checkpoint), as in flax's examples/imagenet.
     average = layout.compile(devices.mean_float_leaves, donate_state=False)
-    return train_fn, lambda replicated: replicated.replace(
-        batch_stats=average(replicated.batch_stats)
+    return (
+        train_fn,
+        train_steps_fn,
+        lambda replicated: replicated.replace(batch_stats=average(replicated.batch_stats)),
     )
 
 
@@ -429,14 +484,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         dynamic_ncols=True,
         disable=not (config.progress_bar and run.layout.is_primary),
     )
+    batches, compiled = _train_batches(run), set()
     with preemption.StopRequests() as stop_requests, progress:
-        for batch in _train_batches(run):
-            state, step_metrics = run.train_fn(state, run.layout.shard(batch))
-            step += 1
-            progress.update(1)
-            log.add(run.layout.local_copy(step_metrics))
+        while chunk := list(
+            itertools.islice(
+                batches, steps_in_dispatch(step, run.cadence, config.steps_per_dispatch)
+            )
+        ):
+            state = _dispatch(run, state, chunk, log, compiled)
+            step += len(chunk)
+            progress.update(len(chunk))
             signal_name = stop_requests.signal_name
-            if run.layout.any_process(signal_name is not None):  # every step, in every process
+            if run.layout.any_process(signal_name is not None):  # every dispatch, every process
                 signal_name = signal_name or "a signal to another process"
             events = events_at(step, run.cadence, signal_name)
             if events.log:
@@ -448,6 +507,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 break
     stopped_by = events.stopped_by if events is not None else None
     return _finish(run, state, step, stopped_by, last_eval, log)
+
+
+def _dispatch(
+    run: Run,
+    state: TrainState,
+    chunk: list[dict[str, np.ndarray]],
+    log: metrics.TrainLog,
+    compiled: set[Callable[..., Any]],
+) -> TrainState:
+    """Runs `chunk`'s steps in one call, the train step's (one batch) or the multi-step
+    program's (a stack), and adds their metrics to `log`.
+
+    A program's first call compiles it. After the run's first dispatch (which TrainLog leaves
+    out of the timing anyway) that call is waited for inside a pause: compiling is not training.
+    `compiled` holds the programs called before.
+    """
+    if len(chunk) == 1:
+        program, batch = run.train_fn, run.layout.shard(chunk[0])
+    else:
+        stacked = {name: np.stack([batch[name] for batch in chunk]) for name in chunk[0]}
+        program, batch = run.train_steps_fn, run.layout.shard(stacked, stacked=True)
+    timed = program in compiled or not compiled
+    compiled.add(program)
+    if timed:
+        state, step_metrics = program(state, batch)
+    else:
+        jax.block_until_ready(state)  # the previous dispatch's time is training
+        with log.pause():
+            state, step_metrics = jax.block_until_ready(program(state, batch))
+    log.add(run.layout.local_copy(step_metrics), steps=len(chunk), timed=timed)
+    return state
 
 
 def _train_batches(run: Run) -> Iterator[dict[str, np.ndarray]]:
