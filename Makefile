@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bn_ops.py | tee benchmarks/results/bn_ops.md
 	$(BIN)/python benchmarks/throughput.py | tee benchmarks/results/throughput.md
 	$(BIN)/python benchmarks/profile_step.py breakdown | tee benchmarks/results/profile_breakdown.md
+	$(BIN)/python benchmarks/profile_step.py convolutions | tee benchmarks/results/profile_convolutions.md
+	$(BIN)/python benchmarks/profile_step.py page-faults | tee benchmarks/results/profile_page_faults.md
 	$(BIN)/python benchmarks/profile_step.py xla-flags | tee benchmarks/results/profile_xla_flags.md
 	for experiment in $(EXPERIMENTS); do \
 		$(BIN)/python benchmarks/experiments.py $$experiment | tee benchmarks/results/$$experiment.md \

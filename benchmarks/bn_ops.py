@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import platform
+import os
 import time
 
 import flax.linen as nn
@@ -150,14 +150,16 @@ def _jbn_train_stats(x):
 
 
 def main() -> None:
+    import throughput  # beside this script: the CPU model, as every benchmark prints it
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", nargs="+", default=["128,32,32,64", "256,16,16,64"])
     args = parser.parse_args()
 
     print(
-        f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()}"
-        f" cores={jax.local_device_count()}x{jax.devices()[0].platform} jax={jax.__version__}"
+        f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC {throughput.cpu_model()}"
+        f" ({os.cpu_count()} CPUs) jax={jax.__version__}"
     )
     print("| shape | mode | variant | median ms | vs floor | vs flax-fast | vs flax-2pass |")
     print("|---|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py breakdown [--batch 128] [--rounds 7] [--steps 10]
     python benchmarks/profile_step.py convolutions [--batch 128] [--rounds 5] [--steps 10]
     python benchmarks/profile_step.py xla-flags [--batch 128] [--rounds 5] [--steps 10]
+    python benchmarks/profile_step.py page-faults [--batch 128] [--rounds 5] [--steps 10]
 
 `breakdown` times the parts of one step side by side (interleaved rounds, medians), for XLA
 and for PyTorch on the same network and batch (32x32x3 images, Adam, BN + ReLU). The jax parts
@@ -27,6 +28,11 @@ pools), "flax layers" the same network with flax's own (`model.fast_layers=False
 shape: the forward pass, the input gradient and the kernel gradient, in XLA with its default
 YNNPACK convolutions (`cpu_convolutions='ynnpack'`), in XLA with Eigen's
 (`cpu_convolutions='eigen'`), and in PyTorch (channels_last), interleaved, medians.
+
+`page-faults` counts, with `getrusage`, the minor page faults and the system and user CPU
+seconds of the jbn step (compiled as train/ compiles it) at one step per call and at 5 steps
+per call (`lax.scan` over a stack of batches, as `steps_per_dispatch`), interleaved, medians
+per step, with the images/s of the same calls.
 
 `xla-flags` runs the jbn step in a subprocess per XLA_FLAGS setting (flags are read once per
 process), compiled without the train app's options (XLA's defaults and the flags alone), the
@@ -383,6 +389,48 @@ def convolutions(args: argparse.Namespace) -> None:
     )
 
 
+def page_faults(args: argparse.Namespace) -> None:
+    import resource
+
+    import throughput
+
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((args.batch, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, args.batch).astype(np.int32)
+    config = throughput.default_model_config()
+    runs = {
+        f"{per_call} step(s) per call": throughput.jax_variant(
+            config, batch=batch, labels=labels, donate=True, scan_steps=per_call
+        )
+        for per_call in (1, 5)
+    }
+    samples: dict[str, list[tuple[float, ...]]] = {name: [] for name in runs}
+    for run in runs.values():  # compile and warm up
+        run(args.steps)
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            run(args.steps)
+            seconds = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            samples[name].append(
+                (
+                    (after.ru_minflt - before.ru_minflt) / args.steps,
+                    1e3 * (after.ru_stime - before.ru_stime) / args.steps,
+                    1e3 * (after.ru_utime - before.ru_utime) / args.steps,
+                    args.batch * args.steps / seconds,
+                )
+            )
+    print(header(args))
+    print(
+        "| calls | minor page faults per step | system ms per step | user ms per step | images/s |"
+    )
+    print("|---|---|---|---|---|")
+    for name, values in samples.items():
+        faults, system, user, rate = np.median(np.asarray(values), axis=0)
+        print(f"| {name} | {faults:.0f} | {system:.1f} | {user:.1f} | {rate:.0f} |")
+
+
 def measure_in_subprocess(args: argparse.Namespace) -> None:
     """The child of `xla-flags`: prints one JSON line with the jbn step's images/s."""
     import jax
@@ -446,7 +494,9 @@ def header(args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["breakdown", "convolutions", "xla-flags", "child"])
+    parser.add_argument(
+        "mode", choices=["breakdown", "convolutions", "page-faults", "xla-flags", "child"]
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
@@ -456,6 +506,7 @@ def main() -> None:
     modes = {
         "breakdown": breakdown,
         "convolutions": convolutions,
+        "page-faults": page_faults,
         "xla-flags": xla_flags,
         "child": measure_in_subprocess,
     }

@@ -18,7 +18,8 @@ the default config's `cpu_convolutions`, 'eigen': train/xla_options.py) unless s
 * jbn-flax-layers: `jbn` with flax's own convolutions and max pools (`model.fast_layers=False`);
 * flax: the default network with `flax.linen.BatchNorm(use_fast_variance=True)` (flax's
   default) in place of `jbn.BatchNorm`;
-* jbn-scan (with `--scan N`, N > 1): `jbn` with N steps fused into one dispatch by `lax.scan`;
+* jbn-scanN (with `--scan N`, N > 1): `jbn` with N steps in one dispatch, a `lax.scan` over a
+  stack of N batches: the train loop's `steps_per_dispatch=N` (default 4);
 * jbn-no-donate: `jbn` without buffer donation;
 * no-bn: the network without batch norm (what BN costs).
 PyTorch variants (if torch is installed, `pip install 'jbn[torch]'`): NCHW and channels_last,
@@ -125,13 +126,17 @@ def jax_variant(
     state = jax_initial_state(model, optimizer, batch)
     step = jax_train_step(model, optimizer)
 
+    images, labels = jnp.asarray(batch), jnp.asarray(labels)
     if scan_steps > 1:
+        # As the train app's steps_per_dispatch: a scan over a stack of batches (copies of the
+        # one batch here, but loop-variant to XLA, so nothing is hoisted out of the loop).
+        images, labels = (jnp.stack([a] * scan_steps) for a in (images, labels))
 
         def multi_step(state, images, labels):
-            def body(state, _):
-                return step(state, images, labels), None
+            def body(state, batch):
+                return step(state, *batch), None
 
-            return jax.lax.scan(body, state, None, length=scan_steps)[0]
+            return jax.lax.scan(body, state, (images, labels))[0]
 
         step_fn = multi_step
     else:
@@ -141,7 +146,6 @@ def jax_variant(
         donate_argnums=(0,) if donate else (),
         compiler_options=compiler_options(cpu_convolutions),
     )
-    images, labels = jnp.asarray(batch), jnp.asarray(labels)
     holder = {"state": state}
 
     def run(steps: int) -> None:
