@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import signal
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,16 @@ def test_steps_per_dispatch_changes_nothing_but_the_calls(tmp_path):
     assert stacked_logged == single_logged
     assert [step for step, _, _ in stacked_logged] == [5, 10, 15, 16, 20, 25, 30, 32]
     assert stacked.summary["train_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("steps_per_dispatch", [1, 4])
+def test_flax_layers_inside_scan_warn(steps_per_dispatch, tmp_path):
+    config = smoke_config(steps_per_dispatch=steps_per_dispatch, **{"model.fast_layers": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_lib.setup(config, str(tmp_path))
+    slow_scan = [w for w in caught if "model.fast_layers=False" in str(w.message)]
+    assert len(slow_scan) == (steps_per_dispatch > 1)
 
 
 def test_eval_every_steps_adds_evaluations_without_changing_training(uninterrupted, tmp_path):
