@@ -238,9 +238,7 @@ def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
             f"a multi-process job uses all local devices; set num_devices=-1 (got {requested})"
         )
     try:
-        options = xla_options.compiler_options(
-            config.get("cpu_convolutions", "eigen"), available[0].platform
-        )
+        options = xla_options.compiler_options(config.cpu_convolutions, available[0].platform)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return DeviceLayout(
