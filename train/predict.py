@@ -1,6 +1,7 @@
 """Command line: classify image files with a run's exported model.
 
-    python -m train.predict --workdir runs/default shoe.png shirt.jpg [--top 3] [--json]
+    python -m train.predict --workdir runs/default shoe.png shirt.jpg [--top 3] [--json] \\
+        [--max-pixels N]
 
 Reads `DIR/export/model.jaxexport` and `DIR/export/model.json` (written by `python -m
 train.export --workdir DIR`) and needs nothing of this project to run the model: only JAX
