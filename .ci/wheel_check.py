@@ -1,7 +1,8 @@
 """Checks an installed jbn wheel in a clean virtual environment (run by .ci/run).
 
 Run from outside the checkout, so that the installed package is the one imported. Fails (an
-AssertionError or ImportError) if the wheel misses a file, declares other dependencies than the
+AssertionError or ImportError) if the wheel misses a file, carries more than the library (the
+training app, train/ and configs/, runs from a checkout), declares other dependencies than the
 library imports, or pulled in the training app's.
 """
 
@@ -20,6 +21,11 @@ import jbn
 
 location = pathlib.Path(jbn.__file__).resolve()
 assert "site-packages" in location.parts, f"jbn imported from {location}, not the wheel"
+
+installed = {file.parts[0] for file in importlib.metadata.files("jbn")}
+assert installed == {"jbn", f"jbn-{importlib.metadata.version('jbn')}.dist-info"}, installed
+for app_package in ("train", "configs"):
+    assert importlib.util.find_spec(app_package) is None, f"{app_package} installed with jbn"
 
 required = {
     re.split(r"[<>=!~ ;\[]", requirement)[0].lower()

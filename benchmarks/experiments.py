@@ -40,6 +40,10 @@ import optax
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# train/ and configs/ (whose files import each other as `configs.<name>`) are imported from the
+# repository root: the jbn wheel carries only jbn.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
 from train import data, metrics, models, train
 from train import devices as device_layouts
 
@@ -49,8 +53,6 @@ TARGET_ACCURACY = 0.90
 
 def load_config(name: str):
     """get_config() of configs/<name>.py, imported from the repository root like the CLI does."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # configs import each other as `configs.<name>`
     spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

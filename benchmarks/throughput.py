@@ -40,6 +40,7 @@ import importlib.util
 import os
 import pathlib
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -48,6 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+# train/ and configs/ are imported from the repository root: the jbn wheel carries only jbn.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from train import models, xla_options
 

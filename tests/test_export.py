@@ -13,14 +13,18 @@ import json
 import pathlib
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
+import PIL.ImageFile
 import pytest
 import train_testing
 from jax import lax
@@ -499,3 +503,255 @@ def test_read_image_converts_to_the_datasets_channels(tmp_path):
     as_rgb = predict.read_image(str(tmp_path / "gray.png"), (6, 5, 3))
     assert as_rgb.shape == (6, 5, 3) and as_rgb.dtype == np.uint8
     np.testing.assert_array_equal(as_rgb[..., 0], as_rgb[..., 2])
+
+
+# ----------------------------------------------------------------------------- predict: limits
+
+
+def png_declaring(path: pathlib.Path, width: int, height: int) -> str:
+    """A PNG of a few bytes whose header declares width x height 8-bit RGB pixels (its image data
+    is one empty row: nothing that size is ever written or, if the size is refused, read)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+    return str(path)
+
+
+def test_read_image_refuses_more_pixels_than_the_limit_before_decoding(tmp_path, monkeypatch):
+    decoded = []
+    load = PIL.ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        PIL.ImageFile.ImageFile, "load", lambda image: decoded.append(image.size) or load(image)
+    )
+    bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)
+    assert pathlib.Path(bomb).stat().st_size < 100
+    with pytest.raises(predict.ImageTooLargeError, match=r"60000 x 60000 = 3600000000 pixels"):
+        predict.read_image(bomb, IMAGE_SHAPE)
+    # Above the default limit but below Pillow's own (which only warns there).
+    with pytest.raises(predict.ImageTooLargeError, match=f"limit of {predict.DEFAULT_MAX_PIXELS}"):
+        predict.read_image(png_declaring(tmp_path / "large.png", 9000, 9000), IMAGE_SHAPE)
+    assert decoded == []
+    assert PIL.Image.MAX_IMAGE_PIXELS is not None  # Pillow's limit is back for everyone else
+
+    # The limit is the caller's: exactly at it passes, one pixel over does not.
+    image = write_image(tmp_path / "20x10.png", np.full((10, 20, 3), 7, np.uint8))
+    np.testing.assert_array_equal(predict.read_image(image, IMAGE_SHAPE, max_pixels=200), 7)
+    with pytest.raises(predict.ImageTooLargeError, match="20 x 10 = 200 pixels"):
+        predict.read_image(image, IMAGE_SHAPE, max_pixels=199)
+
+
+def gradient_image(size: int) -> np.ndarray:
+    """uint8 (size, size, 3): smooth ramps in each channel, so that scaling shows in the pixels."""
+    ramp = np.linspace(0, 255, size)
+    red, green = np.meshgrid(ramp, ramp)
+    return np.stack([red, green, (red + green) / 2], axis=-1).astype(np.uint8)
+
+
+def test_a_large_jpeg_is_decoded_small(tmp_path, monkeypatch):
+    pixels = gradient_image(4000)
+    Image.fromarray(pixels).save(tmp_path / "large.jpg", quality=95)
+    del pixels
+    decoded = []
+    load = PIL.ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        PIL.ImageFile.ImageFile, "load", lambda image: decoded.append(image.size) or load(image)
+    )
+    small = predict.read_image(str(tmp_path / "large.jpg"), IMAGE_SHAPE)
+    # Decoded at 1/8 scale, 500 x 500, not 4000 x 4000: still 3 x 16 = 48 pixels or more a side.
+    assert decoded and set(decoded) == {(500, 500)}
+    monkeypatch.undo()
+    with Image.open(tmp_path / "large.jpg") as full:  # the reference: the full image resized
+        expected = np.asarray(full.resize(IMAGE_SHAPE[1::-1], Image.Resampling.LANCZOS))
+    assert small.shape == IMAGE_SHAPE and small.dtype == np.uint8
+    assert np.max(np.abs(small.astype(int) - expected)) <= 2
+    # The limit applies to what is decoded.
+    predict.read_image(str(tmp_path / "large.jpg"), IMAGE_SHAPE, max_pixels=500 * 500)
+    with pytest.raises(predict.ImageTooLargeError, match="4000 x 4000 decoded at 1/8 scale: 500 x"):
+        predict.read_image(str(tmp_path / "large.jpg"), IMAGE_SHAPE, max_pixels=500 * 500 - 1)
+
+
+# Reads one image with nothing but train.predict (no JAX) and prints how far the process's peak
+# resident memory rose, in MiB: Linux's VmHWM, which (unlike getrusage's maxrss) starts afresh at
+# exec rather than at the forking pytest process's size.
+PEAK_MEMORY_RUNNER = textwrap.dedent(
+    """
+    import re, sys
+    from PIL import Image
+    from train import predict
+
+    def peak_kib():
+        with open("/proc/self/status") as status:
+            return int(re.search(r"VmHWM:\\s*(\\d+) kB", status.read()).group(1))
+
+    before = peak_kib()
+    pixels = predict.read_image(sys.argv[1], (16, 16, 3))
+    print((peak_kib() - before) / 1024, pixels.shape)
+    """
+)
+
+
+def test_a_large_png_costs_its_decoded_size_and_no_full_size_copies(tmp_path):
+    pixels = gradient_image(4000)
+    Image.fromarray(pixels).save(tmp_path / "large.png", compress_level=1)
+    del pixels
+    completed = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_RUNNER, str(tmp_path / "large.png")],
+        cwd=train_testing.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    peak_mib, shape = completed.stdout.split(maxsplit=1)
+    assert shape.strip() == "(16, 16, 3)"
+    # Pillow holds RGB in 4 bytes a pixel: the decoded image is 4000 * 4000 * 4 bytes = 61 MiB.
+    # Every further step works on a copy reduced to 3 x 16 pixels a side, not a full-size one.
+    assert float(peak_mib) < 61 * 1.5
+
+
+def test_predict_reports_each_bad_file_and_classifies_the_others(exported_run, tmp_path, cache_dir):
+    workdir, _, _ = exported_run
+    good = write_image(tmp_path / "good.png", np.zeros(IMAGE_SHAPE, np.uint8))
+    bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    small_limit = write_image(tmp_path / "over_limit.png", np.zeros((20, 20, 3), np.uint8))
+    completed = run_module(
+        "train.predict",
+        "--workdir",
+        str(workdir),
+        "--max-pixels=399",
+        bomb,
+        good,
+        str(broken),
+        small_limit,
+        cache_dir=cache_dir,
+    )
+    assert completed.returncode == 1, completed.stderr
+    errors = completed.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors), errors
+    assert errors[0].startswith(f"error: {bomb}: too large: 60000 x 60000")
+    assert errors[1].startswith(f"error: {broken}: ")
+    assert errors[2] == (
+        f"error: {small_limit}: too large: 20 x 20 = 400 pixels, more than the limit of 399 "
+        "(--max-pixels raises it)"
+    )
+    assert re.fullmatch(rf"{re.escape(good)}: class \d .*", completed.stdout.strip())
+
+
+# ----------------------------------------------------------------------------- predict: model.json
+
+
+def corrupt_model_json(exported_run, tmp_path, edit) -> tuple[str, str]:
+    """A copy of the exported run's export/ whose model.json is `edit(info)`; (workdir, image)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(exported_run[0] / "export", workdir / "export")
+    info_file = workdir / "export" / "model.json"
+    info_file.write_text(json.dumps(edit(json.loads(info_file.read_text()))))
+    image = write_image(tmp_path / "x.png", np.zeros(IMAGE_SHAPE, np.uint8))
+    return str(workdir), image
+
+
+def without(key):
+    return lambda info: {name: value for name, value in info.items() if name != key}
+
+
+MODEL_JSON_CORRUPTIONS = {
+    "class_names_shortened": (
+        lambda info: {**info, "class_names": info["class_names"][:-1]},
+        "9 'class_names' for 10 logits",
+    ),
+    "class_names_removed": (without("class_names"), "'class_names' is missing"),
+    "input_removed": (without("input"), "'input.shape' is missing"),
+    "sha256_removed": (without("model_sha256"), "'model_sha256' is missing"),
+    "array": (lambda info: [], "it holds an array, not an object"),
+    "null": (lambda info: None, "it holds null, not an object"),
+    "input_shape_changed": (
+        lambda info: {**info, "input": {**info["input"], "shape": [None, 28, 28, 1]}},
+        "the shape (28, 28, 1), the model (16, 16, 3)",
+    ),
+    "class_count_changed_with_output_shape": (
+        lambda info: {
+            **info,
+            "class_names": info["class_names"][:-1],
+            "output": {**info["output"], "shape": [None, 9]},
+        },
+        "the output of one example the shape (9,), the model (10,)",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(MODEL_JSON_CORRUPTIONS))
+def test_predict_refuses_a_model_json_that_does_not_fit_its_schema(
+    corruption, exported_run, tmp_path, capsys
+):
+    edit, message = MODEL_JSON_CORRUPTIONS[corruption]
+    workdir, image = corrupt_model_json(exported_run, tmp_path, edit)
+    assert predict.main(["--workdir", workdir, "--top", "10", image]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "model.json" in lines[0] and message in lines[0]
+    assert "python -m train.export --workdir" in lines[0]
+
+
+def test_predict_cli_with_a_null_model_json_is_one_error_line(exported_run, tmp_path, cache_dir):
+    workdir, image = corrupt_model_json(exported_run, tmp_path, lambda info: None)
+    completed = run_module("train.predict", "--workdir", workdir, image, cache_dir=cache_dir)
+    assert_one_error_line(completed, "model.json", "it holds null, not an object")
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def help_text(main, flag, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def described_options(text: str) -> dict[str, str]:
+    """Each option of an argparse help text and its description (joined continuation lines)."""
+    options, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        match = re.match(r"  (?:-\w, )?(--[\w-]+)(?: \S+)?(?:\s{2,}(.*))?$", line)
+        if match:
+            current = match.group(1)
+            options[current] = match.group(2) or ""
+        elif current and line.startswith("   "):
+            options[current] += " " + line.strip()
+    return {name: " ".join(description.split()) for name, description in options.items()}
+
+
+def test_export_and_predict_help_describes_every_flag(capsys):
+    for flag in ("--help", "-h"):
+        text = help_text(export.main, flag, capsys)
+        assert "model.jaxexport" in text and "model.json" in text
+        assert described_options(text) == {
+            "--help": "show this help message and exit",
+            "--workdir": "the run's directory (the --workdir it was trained in)",
+        }
+    text = help_text(predict.main, "--help", capsys)
+    options = described_options(text)
+    assert set(options) == {"--help", "--workdir", "--top", "--json", "--max-pixels"}
+    assert all(options.values()), options
+    assert "more than N pixels" in options["--max-pixels"]
+    assert f"default {predict.DEFAULT_MAX_PIXELS}" in options["--max-pixels"]
+
+
+@pytest.mark.parametrize(("module", "flag"), [("train.export", "-h"), ("train.predict", "--help")])
+def test_help_exits_0_from_the_command_line(module, flag, cache_dir):
+    completed = run_module(module, flag, cache_dir=cache_dir)
+    assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr
+    assert completed.stdout.startswith(f"usage: python -m {module} [-h] --workdir DIR")
