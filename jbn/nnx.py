@@ -401,14 +401,14 @@ def _rename_optimizer_state(model: nnx.Module, optimizer: nnx.Optimizer, layers:
     """Renames the parameters of the replaced `layers` (paths) in every `nnx.State` of the
     optimizer's state that mirrors the model's parameters."""
     names = {flax: name for name, flax in linen.FLAX_NAMES.items()}
-    wanted = {path for path, _ in nnx.state(model, optimizer.wrt).flat_state()}
+    wanted = {path for path, _ in nnx.to_flat_state(nnx.state(model, optimizer.wrt))}
 
     def rename(node):
         if not isinstance(node, nnx.State):
             return node
         renamed = [
             ((*path[:-1], names[path[-1]]) if path[:-1] in layers else path, value)
-            for path, value in node.flat_state()
+            for path, value in nnx.to_flat_state(node)
         ]
         if {path for path, _ in renamed} != wanted:
             raise ValueError(
@@ -416,7 +416,7 @@ def _rename_optimizer_state(model: nnx.Module, optimizer: nnx.Optimizer, layers:
                 "overrides change center or scale?); create the optimizer after "
                 "replace_flax_batch_norm instead."
             )
-        return nnx.State.from_flat_path(renamed)
+        return nnx.from_flat_state(renamed)
 
     is_leaf = lambda node: isinstance(node, (nnx.State, nnx.Variable))
     optimizer.opt_state = jax.tree.map(rename, optimizer.opt_state, is_leaf=is_leaf)
