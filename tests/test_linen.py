@@ -247,3 +247,42 @@ def test_converters_refuse_what_does_not_convert():
         jbn.linen.to_flax_variables(renorm)
     with pytest.raises(ValueError, match="batch_stats"):
         jbn.linen.from_flax_variables({"params": {"scale": np.ones(3)}})
+
+
+def test_axis_name_under_vmap_as_flax_and_init_outside_it():
+    # flax's init does not reduce over axis_name, so it may run in training mode outside the
+    # mapped axis; under it the statistics are those of every member's batch together.
+    xs = np.stack(random_batches((4, 3), steps=3, loc=0.5, spread=1.5))  # 3 "devices"
+    results = []
+    for cls in (nn.BatchNorm, jbn.linen.BatchNorm):
+        layer = cls(use_running_average=False, momentum=0.5, axis_name="devices")
+        variables = layer.init(jax.random.key(0), xs[0])
+        apply = lambda x, layer=layer, variables=variables: layer.apply(
+            variables, x, mutable=["batch_stats"]
+        )
+        results.append(jax.vmap(apply, axis_name="devices")(xs))
+    _close_trees(results[1], results[0])
+    want = (xs - xs.mean((0, 1))) / np.sqrt(xs.var((0, 1)) + 1e-5)
+    np.testing.assert_allclose(results[1][0], want, **F32_TOL)
+
+
+def test_a_layer_called_twice_shares_its_variables():
+    class Twice(nn.Module):
+        batch_norm: object
+
+        @nn.compact
+        def __call__(self, x):
+            norm = self.batch_norm(use_running_average=True, name="shared")
+            return norm(x) + norm(2 * x)
+
+    x = random_batches((4, 3), steps=1)[0]
+    variables = Twice(nn.BatchNorm).init(jax.random.key(0), x)
+    assert jax.tree.map(np.shape, Twice(jbn.linen.BatchNorm).init(jax.random.key(0), x)) == (
+        jax.tree.map(np.shape, variables)
+    )
+    variables = jax.tree.map(lambda v: v + 0.5, variables)
+    np.testing.assert_allclose(
+        Twice(jbn.linen.BatchNorm).apply(variables, x),
+        Twice(nn.BatchNorm).apply(variables, x),
+        **F32_TOL,
+    )
