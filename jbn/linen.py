@@ -57,7 +57,7 @@ class BatchNorm(nn.Module):
     unchanged. For jbn's own arguments (renorm, ghost batches, zero-debiasing, TF1 names) use
     `jbn.BatchNorm`; `to_flax_variables`/`from_flax_variables` move variables between the two.
 
-    Attributes (flax's; jbn's name in brackets):
+    Attributes (flax's; jbn.BatchNorm's name in parentheses):
       use_running_average: True normalizes with the stored statistics (`not is_training`);
         given here or at the call, not both (flax's `merge_param`).
       axis: the feature axis or axes (default -1).
