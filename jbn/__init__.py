@@ -2,10 +2,15 @@
 
 Pure functions (`moments`, `weighted_moments`, `batch_normalization`, `fused_batch_norm`,
 `ghost_batch_norm`, `batch_renorm`, moving averages, `jbn.running` for the running
-statistics) and two thin Flax modules: `BatchNorm` (linen) and `jbn.nnx.BatchNorm` (NNX).
+statistics) and thin Flax modules: `BatchNorm` (linen, TF1's arguments), `jbn.linen.BatchNorm`
+(linen, a drop-in for `flax.linen.BatchNorm`) and `jbn.nnx.BatchNorm` (NNX).
 """
 
-from jbn import nnx, running
+# The one place the version is written: pyproject.toml reads it from here (setuptools' dynamic
+# `attr`, parsed without importing jbn).
+__version__ = "0.1.0"
+
+from jbn import linen, nnx, running
 from jbn.averages import MovingAverage, MovingAverageState, moving_average
 from jbn.fold import batch_norm_inference_statistics, fold_batch_norm
 from jbn.module import BatchNorm
@@ -23,6 +28,7 @@ __all__ = [
     "fold_batch_norm",
     "fused_batch_norm",
     "ghost_batch_norm",
+    "linen",
     "moments",
     "moving_average",
     "nnx",

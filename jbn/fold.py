@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _checks
+from jbn import _checks, linen
 
 __all__ = ["batch_norm_inference_statistics", "fold_batch_norm"]
 
@@ -111,18 +111,18 @@ def batch_norm_inference_statistics(
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
     """What a linen batch norm normalizes with at inference, in `fold_batch_norm`'s names.
 
-    `batch_norm` is a `jbn.BatchNorm` or a `flax.linen.BatchNorm` (the bound or unbound module,
-    only its type and `epsilon` are read); `params` and `batch_stats` are its variables.
+    `batch_norm` is a `jbn.BatchNorm`, a `flax.linen.BatchNorm` or a `jbn.linen.BatchNorm` (the
+    bound or unbound module, only its type and `epsilon` are read); `params` and `batch_stats`
+    are its variables.
 
     Returns `(batch_stats, params, epsilon)` for `fold_batch_norm`: the moving mean and variance
     its inference mode reads, its `gamma`/`beta` and its epsilon. `jbn.BatchNorm` keeps them
     under these names (with `zero_debias_moving_mean`, `moving_mean` is already the debiased
     mean; renorm's own statistics only steer training); `flax.linen.BatchNorm` calls them
-    `mean`, `var`, `scale`, `bias`.
+    `mean`, `var`, `scale`, `bias` (as does `jbn.linen.BatchNorm`; `jbn.linen.FLAX_NAMES`).
     """
-    if isinstance(batch_norm, nn.BatchNorm):
-        stats = {"moving_mean": batch_stats["mean"], "moving_variance": batch_stats["var"]}
-        names = {"scale": "gamma", "bias": "beta"}
-        return stats, {names[k]: v for k, v in params.items()}, batch_norm.epsilon
+    if isinstance(batch_norm, (nn.BatchNorm, linen.BatchNorm)):
+        variables = linen.from_flax_variables({"params": params, "batch_stats": batch_stats})
+        params, batch_stats = variables["params"], variables["batch_stats"]
     stats = {k: batch_stats[k] for k in ("moving_mean", "moving_variance")}
     return stats, dict(params), batch_norm.epsilon

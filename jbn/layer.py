@@ -155,6 +155,13 @@ def layer_options(
                 raise TypeError(f"{name}[{key!r}] must be callable, got {value!r}.")
     if renorm_clipping is not None and not renorm:
         raise ValueError("renorm_clipping is given but renorm=False; set renorm=True.")
+    for key, flag, enabled in (("gamma", "scale", scale), ("beta", "center", center)):
+        # An initializer for a parameter the layer does not create would be silently ignored.
+        if key in (param_initializers or {}) and not enabled:
+            raise ValueError(
+                f"param_initializers[{key!r}] is given but {flag}=False, so there is no {key} "
+                f"to initialize; set {flag}=True or drop the initializer."
+            )
     clipping = dict(renorm_clipping or {})
     rmax, rmin, dmax = (clipping.get(key) for key in ("rmax", "rmin", "dmax"))
     _checks.check_clipping(

@@ -9,7 +9,7 @@ statistics).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -184,6 +184,10 @@ class BatchNorm(nn.Module):
     param_dtype: Any = jnp.float32
     unbiased_moving_variance: bool = False
 
+    # Variable names as stored, for jbn's names (the identity here): `jbn.linen.BatchNorm`, the
+    # flax-named drop-in, stores the same variables under flax's names.
+    variable_names: ClassVar[Mapping[str, str]] = {}
+
     def __post_init__(self) -> None:
         # Constructor arguments are checked here, so a bad TF1 port fails where it is written.
         self._options()
@@ -303,7 +307,7 @@ class BatchNorm(nn.Module):
                 values[name] = None
                 continue
             value = self.param(
-                name,
+                self.variable_names.get(name, name),
                 layer.initializer(self.param_initializers, name),
                 feature_shape,
                 self.param_dtype,
@@ -344,7 +348,9 @@ class BatchNorm(nn.Module):
         return {
             field: self.variable(
                 "batch_stats",
-                running.VARIABLE_NAMES[field],
+                self.variable_names.get(
+                    running.VARIABLE_NAMES[field], running.VARIABLE_NAMES[field]
+                ),
                 lambda field=field: getattr(initial_state(), field),
             )
             for field, shape in shapes._asdict().items()

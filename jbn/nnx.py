@@ -2,8 +2,10 @@
 
 Same arguments, defaults, checks and numbers as the linen `jbn.BatchNorm` (both are thin shells
 over `jbn.layer` and `jbn.running`), with NNX's conventions: the mode is the attribute
-`use_running_average` (set by `model.train()`, `model.eval()` and `nnx.view`), `gamma`/`beta`
-are `nnx.Param`, the running statistics `nnx.BatchStat` updated in place during training.
+`use_running_average`, False (training) by default as in `nnx.BatchNorm`, set by
+`model.train()`, `model.eval()` and `nnx.view(model, use_running_average=...)` (through
+`set_view`); `gamma`/`beta` are `nnx.Param`, the running statistics `nnx.BatchStat` updated in
+place during training.
 
 Example, training with `nnx.Optimizer` and evaluating::
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jbn import _checks, layer, running
+from jbn import _checks, layer, linen, running
 
 __all__ = [
     "BatchNorm",
@@ -53,9 +55,10 @@ class BatchNorm(nnx.Module):
 
     Args:
       num_features: size of the feature axis (a tuple of sizes for several `axis` entries).
-      use_running_average: the mode attribute: False trains (batch statistics; the moving
-        statistics move in place), True evaluates (moving statistics, nothing moves). None
-        (default) requires the call argument, `model.train()` or `model.eval()`.
+      use_running_average: the mode attribute: False (default, as `nnx.BatchNorm` and TF1's
+        `is_training=True`) trains (batch statistics; the moving statistics move in place), True
+        evaluates (moving statistics, nothing moves), None requires the call argument.
+        `model.train()`, `model.eval()` and `nnx.view` set it.
       rngs: `nnx.Rngs` for the initializers.
       decay, center, scale, epsilon, activation_fn, param_initializers, param_regularizers,
         trainable, fused, data_format, axis, zero_debias_moving_mean, renorm,
@@ -66,7 +69,8 @@ class BatchNorm(nnx.Module):
     Attributes: `beta`, `gamma` (`nnx.Param` or None); `moving_mean`, `moving_variance` and,
     depending on the options, `moving_stddev`, `moving_mean_biased`, `renorm_mean`,
     `renorm_stddev`, `num_updates` (`nnx.BatchStat`, float32 / int32), the variables of the
-    linen module under the same names.
+    linen module under the same names. `decay` and `epsilon` may be reassigned on a built layer
+    (a new `epsilon` is checked and used by the next call, as in `nnx.BatchNorm`).
 
     Regularization: where linen sows to `losses`, call `self.regularization_loss()` (or
     `jbn.nnx.regularization_loss(model)` for every jbn layer of a model) and add it to the loss.
@@ -83,7 +87,7 @@ class BatchNorm(nnx.Module):
         activation_fn: Callable[[jax.Array], jax.Array] | None = None,
         param_initializers: Mapping[str, Callable] | None = None,
         param_regularizers: Mapping[str, Callable] | None = None,
-        use_running_average: bool | None = None,
+        use_running_average: bool | None = False,
         trainable: bool = True,
         fused: bool | None = None,
         data_format: str | None = None,
@@ -112,7 +116,7 @@ class BatchNorm(nnx.Module):
             else tuple(_checks.positive_int(n, "num_features") for n in num_features)
         )
         self.feature_shape = feature_shape
-        self.decay, self.epsilon, self.renorm_decay = decay, epsilon, renorm_decay
+        self.decay, self.renorm_decay = decay, renorm_decay  # epsilon lives in self.options
         self.zero_debias_moving_mean = zero_debias_moving_mean
         self.unbiased_moving_variance = unbiased_moving_variance
         self.renorm = renorm
@@ -138,6 +142,26 @@ class BatchNorm(nnx.Module):
         for field, value in state._asdict().items():
             if value is not None:
                 setattr(self, running.VARIABLE_NAMES[field], nnx.BatchStat(value))
+
+    @property
+    def epsilon(self) -> float:
+        """The variance epsilon; assigning a new value checks it and the next call uses it."""
+        return self.options.epsilon
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        _checks.check_epsilon(value, "epsilon")
+        self.options = nnx.static(self.options._replace(epsilon=float(value)))
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Class method used by ``nnx.view``.
+
+        Args:
+          use_running_average: if True, the stored batch statistics will be
+            used instead of computing the batch statistics on the input.
+        """
+        if use_running_average is not None:
+            self.use_running_average = _checks.as_bool(use_running_average, "use_running_average")
 
     def _rule(self) -> running.RunningStatisticsUpdate:
         return running.running_statistics(
@@ -198,7 +222,8 @@ class BatchNorm(nnx.Module):
         if value is None:
             raise ValueError(
                 "jbn.nnx.BatchNorm needs use_running_average: call model.train() or "
-                "model.eval(), pass it to the constructor, or to the call."
+                "model.eval(), use nnx.view(model, use_running_average=...), pass it to the "
+                "constructor, or to the call."
             )
         training = not _checks.as_bool(value, "use_running_average")
         options = self.options
@@ -262,10 +287,16 @@ def to_linen_variables(model: BatchNorm) -> dict[str, dict[str, jax.Array]]:
 
 
 def from_linen_variables(model: BatchNorm, variables: Mapping[str, Any]) -> BatchNorm:
-    """Copies linen `jbn.BatchNorm` variables into `model` in place (and returns it).
+    """Copies one linen layer's variables into `model` in place (and returns it).
+
+    `variables` are `{"params": ..., "batch_stats": ...}` of a `jbn.BatchNorm`, or of a
+    `flax.linen.BatchNorm` / `jbn.linen.BatchNorm` (flax's names `scale`, `bias`, `mean`, `var`
+    are converted with `jbn.linen.from_flax_variables`).
 
     Raises ValueError when the two do not hold the same variables (different options).
     """
+    if "mean" in variables.get("batch_stats", {}):
+        variables = linen.from_flax_variables(variables)
     params = dict(variables.get("params", {}))
     stats = dict(variables.get("batch_stats", {}))
     want_params = {n for n in ("beta", "gamma") if getattr(model, n) is not None}
@@ -320,16 +351,16 @@ def from_flax(layer_: nnx.BatchNorm, **overrides) -> BatchNorm:
     )
     kwargs.update(overrides)
     new = BatchNorm(layer_.num_features, rngs=nnx.Rngs(0), **kwargs)
-    if layer_.use_bias and new.beta is not None:
-        new.beta[...] = layer_.bias[...]
-    if layer_.use_scale and new.gamma is not None:
-        new.gamma[...] = layer_.scale[...]
-    new.moving_mean[...] = layer_.mean[...]
-    new.moving_variance[...] = layer_.var[...]
+    for name, flax_name in linen.FLAX_NAMES.items():
+        variable = getattr(layer_, flax_name, None)
+        if variable is not None and getattr(new, name) is not None:
+            getattr(new, name)[...] = variable[...]
     return new
 
 
-def replace_flax_batch_norm(model: nnx.Module, **overrides) -> nnx.Module:
+def replace_flax_batch_norm(
+    model: nnx.Module, *, optimizer: nnx.Optimizer | None = None, **overrides
+) -> nnx.Module:
     """Replaces every `flax.nnx.BatchNorm` inside `model` by a `jbn.nnx.BatchNorm` in place.
 
     Parameters and statistics carry over (see `from_flax`), so a model switches in one line::
@@ -337,10 +368,23 @@ def replace_flax_batch_norm(model: nnx.Module, **overrides) -> nnx.Module:
         model = jbn.nnx.replace_flax_batch_norm(model)            # same numbers, jbn's layer
         model = jbn.nnx.replace_flax_batch_norm(model, renorm=True)  # and a jbn feature
 
+    Run it before creating the `nnx.Optimizer`: an optimizer's state mirrors the parameters by
+    name (flax's `scale`/`bias` become `gamma`/`beta`), so an optimizer made before the switch
+    no longer matches the model and its `update` fails with a pytree-structure error. To switch
+    a model whose optimizer already exists (e.g. restored mid-training), pass it as `optimizer`:
+    its state (Adam's moments, ...) is renamed to follow the new parameters.
+
     Nested submodules, `nnx.List` and `nnx.Dict` are searched. Returns `model` (or the new layer
-    when `model` itself is a `flax.nnx.BatchNorm`).
+    when `model` itself is a `flax.nnx.BatchNorm`, which then cannot take `optimizer`).
+
+    Raises ValueError when `optimizer` is given and `overrides` change which parameters exist
+    (`center`, `scale`): the state of a parameter that appears or disappears cannot follow.
     """
     if isinstance(model, nnx.BatchNorm):
+        if optimizer is not None:
+            raise ValueError(
+                "optimizer needs the model that holds the flax.nnx.BatchNorm, not the layer."
+            )
         return from_flax(model, **overrides)
     paths = [path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]
     for path in paths:
@@ -348,4 +392,31 @@ def replace_flax_batch_norm(model: nnx.Module, **overrides) -> nnx.Module:
         for key in path[:-1]:
             parent = _get(parent, key)
         _set(parent, path[-1], from_flax(_get(parent, path[-1]), **overrides))
+    if optimizer is not None:
+        _rename_optimizer_state(model, optimizer, {tuple(path) for path in paths})
     return model
+
+
+def _rename_optimizer_state(model: nnx.Module, optimizer: nnx.Optimizer, layers: set) -> None:
+    """Renames the parameters of the replaced `layers` (paths) in every `nnx.State` of the
+    optimizer's state that mirrors the model's parameters."""
+    names = {flax: name for name, flax in linen.FLAX_NAMES.items()}
+    wanted = {path for path, _ in nnx.to_flat_state(nnx.state(model, optimizer.wrt))}
+
+    def rename(node):
+        if not isinstance(node, nnx.State):
+            return node
+        renamed = [
+            ((*path[:-1], names[path[-1]]) if path[:-1] in layers else path, value)
+            for path, value in nnx.to_flat_state(node)
+        ]
+        if {path for path, _ in renamed} != wanted:
+            raise ValueError(
+                "optimizer's state does not match the switched model's parameters (did "
+                "overrides change center or scale?); create the optimizer after "
+                "replace_flax_batch_norm instead."
+            )
+        return nnx.from_flat_state(renamed)
+
+    is_leaf = lambda node: isinstance(node, (nnx.State, nnx.Variable))
+    optimizer.opt_state = jax.tree.map(rename, optimizer.opt_state, is_leaf=is_leaf)

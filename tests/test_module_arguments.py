@@ -22,6 +22,17 @@ import jbn
         (dict(data_format="NCWH"), ValueError, "data_format"),
         (dict(param_initializers={"scale": jnp.ones}), ValueError, "param_initializers.*scale"),
         (dict(param_initializers={"gamma": 1.0}), TypeError, "param_initializers"),
+        # haiku refuses these too; both arguments are named.
+        (
+            dict(param_initializers={"gamma": jnp.ones}),
+            ValueError,
+            r"param_initializers\['gamma'\].*scale=False",
+        ),
+        (
+            dict(center=False, param_initializers={"beta": jnp.zeros}),
+            ValueError,
+            r"param_initializers\['beta'\].*center=False",
+        ),
         (dict(param_regularizers={"moving_mean": abs}), ValueError, "moving_mean"),
         (dict(renorm=True, renorm_clipping={"r_max": 3.0}), ValueError, "renorm_clipping.*r_max"),
         (dict(renorm_clipping={"rmax": 3.0}), ValueError, "renorm"),

@@ -248,9 +248,12 @@ def test_constructor_checks_are_those_of_linen():
         name = next(iter(kwargs)) if "renorm_clipping" not in kwargs else "renorm_clipping"
         with pytest.raises(error, match=name):
             jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **kwargs)
-    model = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    model = jbn.nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="use_running_average"):
         model(np.ones((2, 3), np.float32))
+    # haiku's check: an initializer for a parameter the layer does not create.
+    with pytest.raises(ValueError, match=r"param_initializers\['beta'\].*center=False"):
+        jbn.nnx.BatchNorm(3, center=False, param_initializers={"beta": jnp.zeros}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_features"):
         model(np.ones((2, 4), np.float32), use_running_average=True)
 
@@ -271,3 +274,161 @@ def test_readme_nnx_example_runs():
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["losses"][-1] < namespace["losses"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX conventions: trains by default, nnx.view, epsilon assignment, switching with an optimizer.
+
+
+class ViewBlock(nnx.Module):
+    """flax's module_test.py::test_view Block with jbn's layer for nnx.BatchNorm."""
+
+    def __init__(self, din, dout, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(din, dout, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, deterministic=False, rngs=rngs)
+        self.batch_norm = jbn.nnx.BatchNorm(10, use_running_average=False, rngs=rngs)
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_nnx_view_sets_the_mode_as_for_flax_layers(graph):
+    block = ViewBlock(2, 5, rngs=nnx.Rngs(0))
+    new_block = nnx.view(block, deterministic=True, use_running_average=True, graph=graph)
+    assert new_block.dropout.deterministic is True
+    assert new_block.batch_norm.use_running_average is True
+    assert block.batch_norm.use_running_average is False  # a view, not a change
+    assert new_block.linear.kernel is block.linear.kernel
+    new_block = nnx.view(block, only=nnx.Dropout, deterministic=True, graph=graph)
+    assert new_block.batch_norm.use_running_average is False
+    with pytest.raises(ValueError, match=r"Unused keys found in nnx.view: \['unknown'\]"):
+        nnx.view(block, use_running_average=True, unknown=True, graph=graph)
+    with pytest.raises(TypeError, match="use_running_average"):
+        nnx.view(block, use_running_average="True", graph=graph)
+    assert "use_running_average" in nnx.view_info(block).split("BatchNorm:")[1]
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_basic_view_example_trains_and_evaluates(graph):
+    # flax's integration_test.py::test_basic_view_example, with jbn's layer.
+    class Model(nnx.Module):
+        def __init__(self, din, dmid, dout, rngs: nnx.Rngs):
+            self.linear = nnx.Linear(din, dmid, rngs=rngs)
+            self.bn = jbn.nnx.BatchNorm(dmid, decay=0.9, rngs=rngs)
+            self.linear_out = nnx.Linear(dmid, dout, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear_out(nnx.relu(self.bn(self.linear(x))))
+
+    model = Model(2, 16, 3, rngs=nnx.Rngs(0))
+    train_model = nnx.view(model, use_running_average=False, graph=graph)
+    eval_model = nnx.view(model, use_running_average=True, graph=graph)
+    optimizer = nnx.Optimizer(train_model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit(graph=graph)
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    x = jax.random.normal(jax.random.key(0), (8, 2)) * 2 + 3
+    y = jax.random.normal(jax.random.key(1), (8, 3))
+    hidden = np.asarray(model.linear(x))
+    train_step(train_model, optimizer, x, y)
+    # The view shares the variables: the training step moved the statistics of both models.
+    np.testing.assert_allclose(eval_model.bn.moving_mean[...], 0.1 * hidden.mean(0), rtol=1e-5)
+    stats = np.asarray(model.bn.moving_variance[...])
+    eval_model(x)
+    np.testing.assert_array_equal(model.bn.moving_variance[...], stats)
+
+
+def test_fresh_layer_trains_under_jit_like_nnx_batch_norm():
+    """No model.train(): the default is training, as nnx.BatchNorm's (and TF1's
+    is_training=True); eval()/train() switch it."""
+    model = SmallNet(nnx.Rngs(0))
+    flax_layer = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    assert model.norm.use_running_average is flax_layer.use_running_average is False
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    x = random_batches((8, 6, 6, 1), steps=1)[0]
+
+    @nnx.jit
+    def train_step(model, optimizer, x):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    hidden = np.asarray(model.conv(x))
+    train_step(model, optimizer, x)
+    decay = model.norm.decay
+    np.testing.assert_allclose(
+        model.norm.moving_mean[...], (1 - decay) * hidden.mean((0, 1, 2)), rtol=1e-4, atol=1e-7
+    )
+    model.eval()
+    assert model.norm.use_running_average is True
+    model.train()
+    assert model.norm.use_running_average is False
+
+
+def test_assigned_epsilon_is_used_and_checked():
+    x = random_batches((8, 3), steps=1)[0]
+    model = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    flax_layer = nnx.BatchNorm(3, momentum=model.decay, rngs=nnx.Rngs(0))
+    model.epsilon = flax_layer.epsilon = 4.0  # large, so that it shows
+    want, _, _ = reference.batch_norm(x, 0, None, None, 4.0)
+    y = model(x)
+    np.testing.assert_allclose(y, want, **F32_TOL)
+    np.testing.assert_allclose(y, flax_layer(x), rtol=1e-4, atol=1e-5)
+    model.eval()
+    flax_layer.eval()
+    np.testing.assert_allclose(model(x), flax_layer(x), **F32_TOL)
+    moving_mean, moving_variance = model.moving_mean[...], model.moving_variance[...]
+    want = (x - moving_mean) / np.sqrt(moving_variance + 4.0)
+    np.testing.assert_allclose(model(x), want, **F32_TOL)
+    for bad, error in ((0.0, ValueError), ("1e-3", TypeError)):
+        with pytest.raises(error, match="epsilon"):
+            model.epsilon = bad
+    assert model.epsilon == 4.0
+
+
+class FlaxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(3, 3, rngs=rngs)
+        self.bn = nnx.BatchNorm(3, epsilon=1e-3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.linear(x))
+
+
+def test_replace_flax_batch_norm_before_or_after_the_optimizer():
+    x = random_batches((8, 3), steps=1)[0]
+    target = np.random.default_rng(1).standard_normal((8, 3)).astype(np.float32)
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+        optimizer.update(model, grads)
+
+    def run(switch):
+        model = FlaxNet(nnx.Rngs(0))
+        if switch == "before":
+            jbn.nnx.replace_flax_batch_norm(model)
+        optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+        step(model, optimizer)  # Adam's moments are no longer zero
+        if switch == "after":
+            jbn.nnx.replace_flax_batch_norm(model, optimizer=optimizer)
+        for _ in range(3):
+            step(model, optimizer)
+        return model
+
+    flax_model = run(None)
+    for switch in ("before", "after"):
+        model = run(switch)
+        assert isinstance(model.bn, jbn.nnx.BatchNorm)
+        np.testing.assert_allclose(model.bn.gamma[...], flax_model.bn.scale[...], rtol=1e-4)
+        np.testing.assert_allclose(model.bn.beta[...], flax_model.bn.bias[...], atol=1e-4)
+        np.testing.assert_allclose(
+            model.linear.kernel[...], flax_model.linear.kernel[...], rtol=1e-4, atol=1e-5
+        )
+    # Overrides that add or remove parameters cannot carry the optimizer's state over.
+    model = FlaxNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+    with pytest.raises(ValueError, match="after replace_flax_batch_norm"):
+        jbn.nnx.replace_flax_batch_norm(model, optimizer=optimizer, center=False)
