@@ -255,7 +255,10 @@ def fused_batch_norm(
         feature axes), or None for 1.
       offset: `beta` of the feature shape, or None for 0.
       epsilon: positive float inside the square root (TF's default 1e-3).
-      axis: feature axis or axes; every other axis is reduced.
+      axis: feature axis or axes; every other axis is reduced. With `axis_name` there may be
+        none left: a per-example input (e.g. `(C,)` or `(C, H, W)` with `axis=0`) under
+        `jax.vmap(..., axis_name=...)` (or one example per device) is normalized with the
+        statistics of the whole named axis, exactly, masks and gradients included.
       axis_name, axis_index_groups: reduce across devices too (see `jbn.moments`). Under
         `pmap`, gradients are those of the sum of every device's loss, like autodiff of `psum`.
       mask: optional boolean array broadcastable to `x.shape`; False elements don't count in
