@@ -269,6 +269,58 @@ def test_masked_examples_reach_nothing():
     assert np.all(np.isfinite(grads.gamma)) and np.all(np.isfinite(grads.beta))
 
 
+def test_batch_weights_count_as_repeated_examples():
+    """Per-example frequency weights (the unfused path): weight 0 (NaN here) counts for
+    nothing, weight k as k copies."""
+    x = random_batches((8, 3), 1, seed=11)[0]
+    weights = np.array([2, 1, 0, 3, 1, 1, 0, 2], np.float32)
+    x[weights == 0] = np.nan
+    bn, state = _make(3, "batch")
+    y, state = jax.vmap(
+        lambda xi, wi, s: bn(xi, s, batch_weights=wi),
+        axis_name="batch",
+        in_axes=(0, 0, None),
+        out_axes=(0, None),
+    )(x, weights, state)
+    ref_mean, ref_var, _ = reference.moments(x, 0, weights[:, None], keepdims=False)
+    counted = weights > 0
+    np.testing.assert_allclose(
+        y[counted], _reference_inference(x[counted], ref_mean, ref_var), **F32_TOL
+    )
+    np.testing.assert_allclose(_statistics(bn, state).mean, 0.01 * ref_mean, rtol=1e-5)
+    np.testing.assert_allclose(_statistics(bn, state).variance, 0.99 + 0.01 * ref_var, rtol=1e-5)
+
+
+def test_renorm_trains_as_tf1():
+    """renorm=True per example: outputs and the running statistics of TF1/Keras's batch renorm
+    (`reference.renorm_training`), clipping active."""
+    batches = random_batches((8, 3), 4, seed=12)
+    clipping = {"rmax": 1.5, "dmax": 0.5}
+    bn, state = _make(
+        3, "batch", decay=0.9, renorm=True, renorm_decay=0.8, renorm_clipping=clipping
+    )
+    step = jax.jit(_batched(bn))
+    outputs = []
+    for x in batches:
+        y, state = step(x, state)
+        outputs.append(y)
+    ref_outputs, _, clipped, ref_stats = reference.renorm_training(
+        batches, 1.0, 0.0, decay=0.9, renorm_decay=0.8, epsilon=EPSILON, clipping=clipping
+    )
+    assert any(r or d for r, d in clipped)
+    for y, ref_y in zip(outputs, ref_outputs):
+        np.testing.assert_allclose(y, ref_y, **F32_TOL)
+    statistics = _statistics(bn, state)
+    for field, name in (
+        ("mean", "moving_mean"),
+        ("variance", "moving_variance"),
+        ("stddev", "moving_stddev"),
+        ("renorm_mean", "renorm_mean"),
+        ("renorm_stddev", "renorm_stddev"),
+    ):
+        np.testing.assert_allclose(getattr(statistics, field), ref_stats[name], rtol=1e-5)
+
+
 def test_gradients_under_jit_equal_the_whole_batch():
     """A jitted loss differentiated from outside (`grad(jit(vmap(layer)))`), against the
     float64 closed-form gradients of batch norm over the whole batch."""
