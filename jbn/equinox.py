@@ -137,17 +137,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
         _checks.as_bool(inference, "inference")
         self.input_size = _checks.positive_int(input_size, "input_size")
         shape = (self.input_size,)
-        self.gamma = jnp.ones(shape, param_dtype) if scale else None
-        self.beta = jnp.zeros(shape, param_dtype) if center else None
+        # The layers' default initializers (ones, zeros; they draw no key).
+        self.gamma = layer.initializer(None, "gamma")(None, shape, param_dtype) if scale else None
+        self.beta = layer.initializer(None, "beta")(None, shape, param_dtype) if center else None
         self.inference = inference
         self.decay = decay
         self.zero_debias_moving_mean = zero_debias_moving_mean
         self.unbiased_moving_variance = unbiased_moving_variance
         self.renorm_decay = renorm_decay
         self.dtype = dtype
-        self.state_index = eqx.nn.StateIndex(
-            self._rule().init(jnp.zeros(shape, running.STATS_DTYPE), jnp.ones(shape))
+        initial = (
+            layer.initial_statistic(None, name, None, shape)
+            for name in ("moving_mean", "moving_variance")
         )
+        self.state_index = eqx.nn.StateIndex(self._rule().init(*initial))
 
     @property
     def axis_name(self) -> Any:
