@@ -67,9 +67,9 @@ def test_one_example_per_device_under_shard_map_gradients():
 
 def test_examples_vmapped_inside_shard_map_gradients():
     """shard_map over devices, vmap over each device's examples, statistics over both names.
-    jax 0.10 refuses a psum over a vmap name and a shard_map name together when shard_map
-    checks replication (`check_vma=True`, an AssertionError or ValueError inside JAX, also for
-    plain arrays), hence check_vma=False."""
+    jax (0.10.2 and 0.12.1) refuses a psum over a vmap name and a shard_map name together when
+    shard_map checks replication (`check_vma=True`: an AssertionError or ValueError inside JAX,
+    also for plain arrays), hence check_vma=False."""
     x = _data((DEVICES * 3, 4), seed=1)
     dy = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
     scale = np.linspace(0.5, 2, 4).astype(np.float32)
