@@ -14,7 +14,7 @@ WORKDIR ?= runs/default
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev,equinox]'
 	touch $(STAMP)
 
 install: $(STAMP)

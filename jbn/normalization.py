@@ -133,7 +133,7 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
     scale_dot = None if scale is None else scale_dot.astype(acc)
     offset_dot = None if offset is None else offset_dot.astype(acc)
 
-    def tangent(x_dot, scale_dot, offset_dot):
+    def local_sums(x_dot):
         # With m = mean, s = rstd, N = count, w = weights (1 without a mask):
         #   mean_dot = sum(w x_dot) / N,   p = sum(w x_dot (x - m)) / N,   var_dot = 2 p,
         #   y_dot = gamma s (x_dot - mean_dot) - gamma s^3 p (x - m) + scale_dot s (x - m)
@@ -147,14 +147,14 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
         counted_deviation = xw - lax.optimization_barrier(stats.mean)
         if weights is not None:
             counted_deviation = jnp.where(weights != 0, counted_deviation, 0)
-        sums = _psum(
-            (
-                jnp.sum(counted_dot, reduce_axes, keepdims=True),
-                jnp.sum(counted_dot * counted_deviation, reduce_axes, keepdims=True),
-            ),
-            axis_name,
-            groups,
+        return (
+            jnp.sum(counted_dot, reduce_axes, keepdims=True),
+            jnp.sum(counted_dot * counted_deviation, reduce_axes, keepdims=True),
         )
+
+    def tangent(x_dot, scale_dot, offset_dot, sums=None):
+        if sums is None:
+            sums = local_sums(x_dot)
         mean_dot = sums[0] / safe_count
         p = sums[1] / safe_count
         a = gamma * rstd
@@ -174,8 +174,16 @@ def _train_normalize_jvp(reduce_axes, epsilon, axis_name, groups, primals, tange
         return y_dot.astype(x.dtype), mean_dot, 2 * p
 
     # Rematerialized so that linearization keeps no full-size residual (x - m): the backward
-    # pass recomputes it from x and the mean.
-    tangents_out = jax.checkpoint(tangent)(x_dot.astype(acc), scale_dot, offset_dot)
+    # pass recomputes it from x and the mean. Across devices the psum stays outside the
+    # rematerialized parts: `jax.checkpoint` traces its function apart, and under
+    # `vmap(axis_name=...)` inside `jit` this rule is traced only when differentiated, after
+    # vmap's named axis is unbound (a psum traced there would be refused).
+    x_dot = x_dot.astype(acc)
+    if axis_name is None:
+        tangents_out = jax.checkpoint(tangent)(x_dot, scale_dot, offset_dot)
+    else:
+        sums = _psum(jax.checkpoint(local_sums)(x_dot), axis_name, groups)
+        tangents_out = jax.checkpoint(tangent)(x_dot, scale_dot, offset_dot, sums)
     return primals_out, (*tangents_out, jnp.zeros_like(stats.count))
 
 
@@ -201,10 +209,13 @@ def _prepare(x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask
     epsilon = _checks.static_epsilon(epsilon, "epsilon")
     feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
     reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    if not reduce_axes:
+    if not reduce_axes and axis_name is None:
+        # With axis_name the batch is the named axis (a per-example input under
+        # `vmap(..., axis_name=...)`, or one example per device): nothing local is reduced.
         raise ValueError(
             f"x of shape {x.shape} has no axis left to reduce once the feature axis {axis} is "
-            "removed; batch norm needs a batch axis."
+            "removed; batch norm needs a batch axis, or an axis_name whose axis is the batch "
+            "(a per-example input under jax.vmap(..., axis_name=...))."
         )
     groups = _checks.canonical_groups(axis_name, axis_index_groups)
     if mask is not None:
@@ -244,7 +255,10 @@ def fused_batch_norm(
         feature axes), or None for 1.
       offset: `beta` of the feature shape, or None for 0.
       epsilon: positive float inside the square root (TF's default 1e-3).
-      axis: feature axis or axes; every other axis is reduced.
+      axis: feature axis or axes; every other axis is reduced. With `axis_name` there may be
+        none left: a per-example input (e.g. `(C,)` or `(C, H, W)` with `axis=0`) under
+        `jax.vmap(..., axis_name=...)` (or one example per device) is normalized with the
+        statistics of the whole named axis, exactly, masks and gradients included.
       axis_name, axis_index_groups: reduce across devices too (see `jbn.moments`). Under
         `pmap`, gradients are those of the sum of every device's loss, like autodiff of `psum`.
       mask: optional boolean array broadcastable to `x.shape`; False elements don't count in
