@@ -135,8 +135,15 @@ def check_ghost_batches(batch: int, virtual_batch_size: int, feature_axes) -> No
             "axis must not include 0 with virtual_batch_size: ghost batches split the batch axis 0."
         )
     if batch % virtual_batch_size:
+        # A symbolic batch (jax.export) divides only when it is written as a multiple.
+        hint = (
+            ""
+            if isinstance(batch, int)
+            else f" (export it as a multiple, e.g. {virtual_batch_size}*{batch})"
+        )
         raise ValueError(
-            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}."
+            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}"
+            f"{hint}."
         )
 
 
@@ -164,10 +171,14 @@ def check_clipping(rmax, rmin, dmax, names=("rmax", "rmin", "dmax")) -> None:
 
 
 def check_broadcastable(value, shape: tuple[int, ...], name: str) -> None:
-    """Raises ValueError unless `value` broadcasts to `shape` without changing it."""
+    """Raises ValueError unless `value` broadcasts to `shape` without changing it.
+
+    Symbolic dimensions (`jax.export`) are accepted: `jnp.broadcast_shapes` compares them as
+    expressions (a symbolic batch `b` matches `b` or 1), where numpy's would raise a TypeError.
+    """
     value_shape = jnp.shape(value)
     try:
-        result = np.broadcast_shapes(value_shape, shape)
+        result = jnp.broadcast_shapes(value_shape, shape)
     except ValueError:
         result = None
     if result != tuple(shape):

@@ -213,7 +213,8 @@ def _per_example(value: jax.Array, x: jax.Array, name: str) -> jax.Array:
     if value.ndim == 1 and value.shape[0] == x.shape[0]:
         return value.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     try:
-        broadcast = np.broadcast_shapes(value.shape, x.shape)
+        # jnp's, not numpy's: it accepts symbolic dimensions (a batch exported as "b").
+        broadcast = jnp.broadcast_shapes(value.shape, x.shape)
     except ValueError:
         broadcast = None
     if broadcast != x.shape:
