@@ -278,11 +278,19 @@ def train_forward(
       `(y, batch)`: `y` like `x`; `batch` the statistics, feature-shaped, or with a leading
       axis of ghost batches, with the counted elements over all devices where the statistics
       are (ghost statistics are per device).
+
+    Raises:
+      ValueError: for one value per feature (per ghost batch) without `axis_name`, on every
+        path (`jbn._checks.check_several_values`).
     """
     ghost_size = options.virtual_batch_size
     batch = x.shape[0]
     if ghost_size is not None:
         _checks.check_ghost_batches(batch, ghost_size, axes)
+    # Ghost statistics are per device: axis_name brings no values to a ghost batch.
+    _checks.check_several_values(
+        x.shape, axes, options.axis_name if ghost_size is None else None, ghost_size
+    )
     if weights is not None and options.renorm:
         raise ValueError(
             "batch_weights cannot be combined with renorm=True (as in TF1); use mask for 0/1 "

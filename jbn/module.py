@@ -218,7 +218,10 @@ class BatchNorm(nn.Module):
         Args:
           x: floating array: with `data_format`, of rank 2 to 5, `(B, C)`, or `(B, ..., C)` for
             NHWC and `(B, C, ...)` for NCHW; with `axis`, any rank with an axis left to reduce.
-            bf16/fp16 inputs get float32 statistics.
+            bf16/fp16 inputs get float32 statistics. Training needs more than one value per
+            feature (per ghost batch): an input such as `(1, C)` raises ValueError unless
+            `axis_name` brings the rest of the batch; masks and traced `batch_weights` that
+            leave one counted value are not checked.
           is_training: True: batch statistics, and update the moving ones (requires
             `mutable=["batch_stats"]` in `apply`); False: moving statistics. A Python/numpy
             bool or a concrete boolean scalar (a string such as "False" is refused). Overrides

@@ -255,6 +255,19 @@ def test_constructor_checks_are_those_of_linen():
         model(np.ones((2, 4), np.float32), use_running_average=True)
 
 
+def test_training_on_one_value_per_feature_is_refused_and_statistics_stay():
+    model = jbn.nnx.BatchNorm(4, decay=0.5, rngs=nnx.Rngs(0))
+    x = np.full((1, 4), 3.0, np.float32)
+    model.train()
+    with pytest.raises(ValueError, match=re.escape("x of shape (1, 4) has one (feature axes")):
+        model(x)
+    np.testing.assert_array_equal(model.moving_variance[...], np.ones(4))
+    model.eval()  # one example at inference is what the moving statistics are for
+    np.testing.assert_allclose(
+        model(x), reference.normalize(x, 0.0, 1.0, 0.0, None, 1e-3), rtol=1e-6
+    )
+
+
 def test_both_modules_take_every_layer_argument_with_the_same_default():
     linen_defaults = {field.name: field.default for field in dataclasses.fields(jbn.BatchNorm)}
     nnx_parameters = inspect.signature(jbn.nnx.BatchNorm.__init__).parameters
