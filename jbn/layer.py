@@ -390,13 +390,16 @@ def initializer(initializers: Mapping[str, Callable] | None, name: str) -> Calla
     return (initializers or {}).get(name, DEFAULT_INITIALIZERS[name])
 
 
-def initial_statistic(initializers, name: str, make_key, feature_shape) -> jax.Array:
-    """The initial `moving_mean`/`moving_variance` from `param_initializers` (float32);
-    `make_key()` gives the RNG key, drawn only for a user initializer."""
+def initial_statistic(
+    initializers, name: str, make_key, feature_shape, dtype=STATS_DTYPE
+) -> jax.Array:
+    """The initial `moving_mean`/`moving_variance` from `param_initializers`, in `dtype` (the
+    layers pass `jbn.running.statistics_dtype(param_dtype)`); `make_key()` gives the RNG key,
+    drawn only for a user initializer."""
     user_initializer = (initializers or {}).get(name)
     if user_initializer is None:
-        return DEFAULT_INITIALIZERS[name](None, feature_shape, STATS_DTYPE)
-    value = jnp.asarray(user_initializer(make_key(), feature_shape, STATS_DTYPE), STATS_DTYPE)
+        return DEFAULT_INITIALIZERS[name](None, feature_shape, dtype)
+    value = jnp.asarray(user_initializer(make_key(), feature_shape, dtype), dtype)
     if value.shape != feature_shape:
         raise ValueError(
             f"param_initializers[{name!r}] returned shape {value.shape}, expected {feature_shape}."
