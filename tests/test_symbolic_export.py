@@ -1,5 +1,5 @@
-"""`jax.export` with a symbolic batch size: every entry point traces with a batch "b", and the
-deserialized export, called at two batch sizes, matches float64 numpy (`reference.py`).
+"""`jax.export` with a symbolic batch size: each entry point below traces with a batch "b", and
+the deserialized export, called at two batch sizes, matches float64 numpy (`reference.py`).
 
 Shape checks compare what is static and leave symbolic dimensions to JAX (issue 19); flax's
 BatchNorm exports this way too.
