@@ -135,8 +135,52 @@ def check_ghost_batches(batch: int, virtual_batch_size: int, feature_axes) -> No
             "axis must not include 0 with virtual_batch_size: ghost batches split the batch axis 0."
         )
     if batch % virtual_batch_size:
+        # A symbolic batch (jax.export) divides only when it is written as a multiple.
+        hint = (
+            ""
+            if isinstance(batch, int)
+            else f" (export it as a multiple, e.g. {virtual_batch_size}*{batch})"
+        )
         raise ValueError(
-            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}."
+            f"The batch size {batch} is not divisible by virtual_batch_size={virtual_batch_size}"
+            f"{hint}."
+        )
+
+
+def check_several_values(
+    shape: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    axis_name,
+    virtual_batch_size: int | None = None,
+) -> None:
+    """Training-mode batch norm of `shape` needs more than one value per feature.
+
+    With one, the batch variance is 0, every output is `offset`, and a few such steps collapse
+    the moving variance (PyTorch refuses it too: "Expected more than 1 value per channel when
+    training"). Only what is static is checked: the local count, the product of the sizes of
+    the axes not in `feature_axes` (per ghost batch, axis 0 counting `virtual_batch_size`).
+    With `axis_name` the batch also comes from the other devices or vmapped examples, so
+    nothing is refused; masks and traced weights that leave one counted value are the caller's
+    business, and so is a symbolic (exported) batch size.
+    """
+    if axis_name is not None:
+        return
+    sizes = [
+        virtual_batch_size if virtual_batch_size is not None and a == 0 else shape[a]
+        for a in range(len(shape))
+        if a not in feature_axes
+    ]
+    if all(isinstance(size, int) and size == 1 for size in sizes):
+        if virtual_batch_size is None:
+            per, fix = "", "give axis_name when vmap/pmap/shard_map supplies the batch"
+        else:
+            per = f" per ghost batch of virtual_batch_size={virtual_batch_size}"
+            fix = "use a larger virtual_batch_size"
+        raise ValueError(
+            f"Training-mode batch norm needs more than one value per feature, but x of shape "
+            f"{tuple(shape)} has one{per} (feature axes {tuple(feature_axes)}): the batch "
+            "variance would be 0 and the output all offset. Train on a larger batch, use the "
+            f"moving statistics (inference mode) for single examples, or {fix}."
         )
 
 
@@ -164,10 +208,14 @@ def check_clipping(rmax, rmin, dmax, names=("rmax", "rmin", "dmax")) -> None:
 
 
 def check_broadcastable(value, shape: tuple[int, ...], name: str) -> None:
-    """Raises ValueError unless `value` broadcasts to `shape` without changing it."""
+    """Raises ValueError unless `value` broadcasts to `shape` without changing it.
+
+    Symbolic dimensions (`jax.export`) are accepted: `jnp.broadcast_shapes` compares them as
+    expressions (a symbolic batch `b` matches `b` or 1), where numpy's would raise a TypeError.
+    """
     value_shape = jnp.shape(value)
     try:
-        result = np.broadcast_shapes(value_shape, shape)
+        result = jnp.broadcast_shapes(value_shape, shape)
     except ValueError:
         result = None
     if result != tuple(shape):

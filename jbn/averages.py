@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jbn import _checks
+from jbn.stats import accumulation_dtype
 
 __all__ = ["MovingAverage", "MovingAverageState", "moving_average"]
 
@@ -101,8 +102,14 @@ def moving_average(decay: float | None, *, zero_debias: bool = False) -> MovingA
         if not zero_debias:
             return MovingAverageState(jax.tree.map(ema, state.average, value), None, count)
         biased = jax.tree.map(ema, state.biased, value)
-        correction = 1 - jnp.asarray(decay, jnp.float32) ** count
-        average = jax.tree.map(lambda b: (b / correction).astype(b.dtype), biased)
+
+        def debias(b):
+            # In the average's dtype (float32 or wider): float64 statistics under
+            # jax_enable_x64 would otherwise be debiased with float32 round-off.
+            correction = 1 - jnp.asarray(decay, accumulation_dtype(b.dtype)) ** count
+            return (b / correction).astype(b.dtype)
+
+        average = jax.tree.map(debias, biased)
         return MovingAverageState(average, biased, count)
 
     return MovingAverage(init, update)

@@ -220,7 +220,8 @@ def _per_example(value: jax.Array, x: jax.Array, name: str) -> jax.Array:
     if value.ndim == 1 and value.shape[0] == x.shape[0]:
         return value.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     try:
-        broadcast = np.broadcast_shapes(value.shape, x.shape)
+        # jnp's, not numpy's: it accepts symbolic dimensions (a batch exported as "b").
+        broadcast = jnp.broadcast_shapes(value.shape, x.shape)
     except ValueError:
         broadcast = None
     if broadcast != x.shape:
@@ -284,11 +285,19 @@ def train_forward(
       `(y, batch)`: `y` like `x`; `batch` the statistics, feature-shaped, or with a leading
       axis of ghost batches, with the counted elements over all devices where the statistics
       are (ghost statistics are per device).
+
+    Raises:
+      ValueError: for one value per feature (per ghost batch) without `axis_name`, on every
+        path (`jbn._checks.check_several_values`).
     """
     ghost_size = options.virtual_batch_size
     batch = x.shape[0]
     if ghost_size is not None:
         _checks.check_ghost_batches(batch, ghost_size, axes)
+    # Ghost statistics are per device: axis_name brings no values to a ghost batch.
+    _checks.check_several_values(
+        x.shape, axes, options.axis_name if ghost_size is None else None, ghost_size
+    )
     if weights is not None and options.renorm:
         raise ValueError(
             "batch_weights cannot be combined with renorm=True (as in TF1); use mask for 0/1 "
@@ -388,13 +397,16 @@ def initializer(initializers: Mapping[str, Callable] | None, name: str) -> Calla
     return (initializers or {}).get(name, DEFAULT_INITIALIZERS[name])
 
 
-def initial_statistic(initializers, name: str, make_key, feature_shape) -> jax.Array:
-    """The initial `moving_mean`/`moving_variance` from `param_initializers` (float32);
-    `make_key()` gives the RNG key, drawn only for a user initializer."""
+def initial_statistic(
+    initializers, name: str, make_key, feature_shape, dtype=STATS_DTYPE
+) -> jax.Array:
+    """The initial `moving_mean`/`moving_variance` from `param_initializers`, in `dtype` (the
+    layers pass `jbn.running.statistics_dtype(param_dtype)`); `make_key()` gives the RNG key,
+    drawn only for a user initializer."""
     user_initializer = (initializers or {}).get(name)
     if user_initializer is None:
-        return DEFAULT_INITIALIZERS[name](None, feature_shape, STATS_DTYPE)
-    value = jnp.asarray(user_initializer(make_key(), feature_shape, STATS_DTYPE), STATS_DTYPE)
+        return DEFAULT_INITIALIZERS[name](None, feature_shape, dtype)
+    value = jnp.asarray(user_initializer(make_key(), feature_shape, dtype), dtype)
     if value.shape != feature_shape:
         raise ValueError(
             f"param_initializers[{name!r}] returned shape {value.shape}, expected {feature_shape}."

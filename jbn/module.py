@@ -72,7 +72,9 @@ class BatchNorm(nn.Module):
 
     Variables: `params` hold `beta` (if `center`) and `gamma` (if `scale`), of the feature shape
     `(C,)` (the sizes along `axis`) and dtype `param_dtype`. `batch_stats` holds `moving_mean`
-    and `moving_variance`, feature-shaped, always float32; with `renorm` also `moving_stddev`
+    and `moving_variance`, feature-shaped, of dtype `promote_types(param_dtype, float32)`
+    (float32; float64 with `param_dtype=float64` under `jax_enable_x64`), as is every statistic
+    below but the int32 `num_updates`; with `renorm` also `moving_stddev`
     (TF1's inference moving average of `sqrt(variance + epsilon)`, from which
     `moving_variance = max(moving_stddev**2 - epsilon, 0)` is derived), `renorm_mean` and
     `renorm_stddev` (the correction statistics, updated with `renorm_decay`); with
@@ -93,7 +95,8 @@ class BatchNorm(nn.Module):
       activation_fn: optional callable applied to the output (TF1's Python-level fusion).
       param_initializers: optional dict of flax initializers `(key, shape, dtype) -> array`
         for any of `beta`, `gamma`, `moving_mean`, `moving_variance` (defaults: zeros, ones,
-        zeros, ones). Moving statistics are initialized in float32 with the `params` RNG.
+        zeros, ones). Moving statistics are initialized in their dtype (above) with the `params`
+        RNG.
       param_regularizers: optional dict of callables `param -> scalar` for `beta` and/or
         `gamma`. Their values are recorded with `self.sow("losses", "<name>_regularization")`
         (not during `init`); pass `mutable=["losses", ...]` to `apply` and add the sum of the
@@ -149,8 +152,9 @@ class BatchNorm(nn.Module):
       axis_index_groups: optional groups of device indices along `axis_name` that reduce
         separately (pmap only).
       dtype: floating output dtype; None keeps the input dtype. The computation is done in
-        `promote_types(input dtype, dtype)` with float32 statistics.
-      param_dtype: floating dtype of `beta` and `gamma`.
+        `promote_types(input dtype, dtype)` with float32 (or wider) statistics.
+      param_dtype: floating dtype of `beta` and `gamma`; the moving statistics get
+        `promote_types(param_dtype, float32)`.
       unbiased_moving_variance: store the unbiased (Bessel-corrected, `n / (n - 1)` with `n`
         the number of counted elements per feature, or per ghost batch, over all devices with
         `axis_name`; the sum of the frequency weights with `batch_weights`) variance in
@@ -206,6 +210,7 @@ class BatchNorm(nn.Module):
             unbiased_variance=self.unbiased_moving_variance,
             renorm=self.renorm,
             renorm_decay=self.renorm_decay,
+            dtype=running.statistics_dtype(self.param_dtype),
         )
 
     @nn.compact
@@ -222,7 +227,10 @@ class BatchNorm(nn.Module):
         Args:
           x: floating array: with `data_format`, of rank 2 to 5, `(B, C)`, or `(B, ..., C)` for
             NHWC and `(B, C, ...)` for NCHW; with `axis`, any rank with an axis left to reduce.
-            bf16/fp16 inputs get float32 statistics.
+            bf16/fp16 inputs get float32 statistics. Training needs more than one value per
+            feature (per ghost batch): an input such as `(1, C)` raises ValueError unless
+            `axis_name` brings the rest of the batch; masks and traced `batch_weights` that
+            leave one counted value are not checked.
           is_training: True: batch statistics, and update the moving ones (requires
             `mutable=["batch_stats"]` in `apply`); False: moving statistics. A Python/numpy
             bool or a concrete boolean scalar (a string such as "False" is refused). Overrides
@@ -324,6 +332,7 @@ class BatchNorm(nn.Module):
     def _statistics_variables(self, feature_shape: tuple[int, ...]) -> dict[str, Any]:
         """One `batch_stats` variable per field of the running state, keyed by field."""
         rule = self._running_rule()
+        rule_dtype = running.statistics_dtype(self.param_dtype)
         initial = {}
 
         def initial_state() -> running.RunningStatistics:
@@ -332,10 +341,10 @@ class BatchNorm(nn.Module):
                 key = lambda: self.make_rng("params")
                 initial["state"] = rule.init(
                     layer.initial_statistic(
-                        self.param_initializers, "moving_mean", key, feature_shape
+                        self.param_initializers, "moving_mean", key, feature_shape, rule_dtype
                     ),
                     layer.initial_statistic(
-                        self.param_initializers, "moving_variance", key, feature_shape
+                        self.param_initializers, "moving_variance", key, feature_shape, rule_dtype
                     ),
                 )
             return initial["state"]

@@ -68,9 +68,10 @@ class BatchNorm(nnx.Module):
 
     Attributes: `beta`, `gamma` (`nnx.Param` or None); `moving_mean`, `moving_variance` and,
     depending on the options, `moving_stddev`, `moving_mean_biased`, `renorm_mean`,
-    `renorm_stddev`, `num_updates` (`nnx.BatchStat`, float32 / int32), the variables of the
-    linen module under the same names. `decay` and `epsilon` may be reassigned on a built layer
-    (a new `epsilon` is checked and used by the next call, as in `nnx.BatchNorm`).
+    `renorm_stddev`, `num_updates` (`nnx.BatchStat` of dtype `promote_types(param_dtype,
+    float32)` / int32), the variables of the linen module under the same names. `decay` and
+    `epsilon` may be reassigned on a built layer (a new `epsilon` is checked and used by the
+    next call, as in `nnx.BatchNorm`).
 
     Regularization: where linen sows to `losses`, call `self.regularization_loss()` (or
     `jbn.nnx.regularization_loss(model)` for every jbn layer of a model) and add it to the loss.
@@ -133,10 +134,13 @@ class BatchNorm(nnx.Module):
                 init = layer.initializer(param_initializers, name)
                 value = nnx.Param(init(rngs.params(), feature_shape, param_dtype))
             setattr(self, name, value if enabled else nnx.data(None))
+        stats_dtype = running.statistics_dtype(param_dtype)
         state = self._rule().init(
-            layer.initial_statistic(param_initializers, "moving_mean", rngs.params, feature_shape),
             layer.initial_statistic(
-                param_initializers, "moving_variance", rngs.params, feature_shape
+                param_initializers, "moving_mean", rngs.params, feature_shape, stats_dtype
+            ),
+            layer.initial_statistic(
+                param_initializers, "moving_variance", rngs.params, feature_shape, stats_dtype
             ),
         )
         for field, value in state._asdict().items():
@@ -171,6 +175,7 @@ class BatchNorm(nnx.Module):
             unbiased_variance=self.unbiased_moving_variance,
             renorm=self.renorm,
             renorm_decay=self.renorm_decay,
+            dtype=running.statistics_dtype(self.param_dtype),
         )
 
     def _statistics(self) -> dict[str, nnx.BatchStat]:

@@ -273,10 +273,16 @@ def fused_batch_norm(
       `(y, batch_mean, batch_variance)`, and `count` last when `return_count`: `y` has `x`'s
       shape and dtype; the statistics have the feature shape and dtype
       `promote_types(x.dtype, float32)`; the variance is biased and never negative.
+
+    Raises:
+      ValueError: when, without `axis_name`, `x` has one value per feature (e.g. shape
+        `(1, C)`): its variance would be 0 and `y` all `offset`. Only the static shape is
+        checked; a mask that leaves one counted value is the caller's business.
     """
     x, scale, offset, epsilon, feature_axes, reduce_axes, groups, mask = _prepare(
         x, scale, offset, epsilon, axis, axis_name, axis_index_groups, mask
     )
+    _checks.check_several_values(x.shape, feature_axes, axis_name)
     y, mean, variance, count = _train_normalize(
         x,
         scale,
@@ -318,6 +324,7 @@ def ghost_batch_norm(
     Returns:
       `(y, batch_mean, batch_variance)`, and `count` last when `return_count`: `y` like `x`;
       statistics of shape `(B // virtual_batch_size, *feature_shape)`, one row per ghost batch.
+      A ghost batch of one value per feature raises ValueError, as in `fused_batch_norm`.
     """
     x, scale, offset, epsilon, feature_axes, _, _, mask = _prepare(
         x, scale, offset, epsilon, axis, None, None, mask
@@ -325,6 +332,7 @@ def ghost_batch_norm(
     virtual_batch_size = _checks.positive_int(virtual_batch_size, "virtual_batch_size")
     batch = x.shape[0]
     _checks.check_ghost_batches(batch, virtual_batch_size, feature_axes)
+    _checks.check_several_values(x.shape, feature_axes, None, virtual_batch_size)
     groups = batch // virtual_batch_size
     ghost_shape = (groups, virtual_batch_size, *x.shape[1:])
     ghost_x = x.reshape(ghost_shape)

@@ -101,11 +101,13 @@ def batch_renorm(
     Returns:
       `(y, batch_mean, batch_variance)`, and `count` last when `return_count`, as in
       `fused_batch_norm`. Gradients flow through the batch statistics, not through `r` and `d`.
+      One value per feature raises ValueError, as in `fused_batch_norm`.
     """
     _checks.check_floating(x, "x")
     x = jnp.asarray(x)
     feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
     reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    _checks.check_several_values(x.shape, feature_axes, axis_name)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     keep = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
     # Checked like fused_batch_norm's: a (1,) gamma must not broadcast silently over C features.

@@ -56,11 +56,24 @@ __all__ = [
     "bessel_correction",
     "pool_statistics",
     "running_statistics",
+    "statistics_dtype",
 ]
 
-# Moving statistics are float32 whatever the input and parameter dtypes: a bf16 average would
-# stop moving once (1 - decay) * batch falls under half a bf16 ulp of the average.
+# Moving statistics are float32 or wider whatever the input and parameter dtypes: a bf16 average
+# would stop moving once (1 - decay) * batch falls under half a bf16 ulp of the average.
 STATS_DTYPE = jnp.float32
+
+
+def statistics_dtype(param_dtype=STATS_DTYPE) -> jnp.dtype:
+    """The dtype of a layer's moving statistics, `promote_types(param_dtype, float32)`.
+
+    float64 parameters (under `jax_enable_x64`) get float64 statistics, so inference matches
+    training on float64 data (float32 would round a mean of 1e4 to a multiple of 2**-10). Fixed
+    by the constructor, not by the data: a variable's dtype never changes between steps (flax's
+    starts float32 and becomes the batch statistics' dtype after the first update).
+    Canonicalized: float32 when x64 is off, without JAX's warning about an unavailable float64.
+    """
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(param_dtype, STATS_DTYPE))
 
 
 class BatchStatistics(NamedTuple):
@@ -78,7 +91,8 @@ class BatchStatistics(NamedTuple):
 
 
 class RunningStatistics(NamedTuple):
-    """State of a layer's running statistics (all float32 except the int32 count).
+    """State of a layer's running statistics (the rule's `dtype`, float32 by default, except the
+    int32 count).
 
     Attributes:
       mean: `moving_mean`, what inference subtracts.
@@ -147,6 +161,7 @@ def running_statistics(
     unbiased_variance: bool = False,
     renorm: bool = False,
     renorm_decay: float = 0.99,
+    dtype=STATS_DTYPE,
 ) -> RunningStatisticsUpdate:
     """Builds the running-statistics rule of a batch-norm layer (see the module docstring).
 
@@ -157,6 +172,8 @@ def running_statistics(
       unbiased_variance: store the Bessel-corrected variance (PyTorch's running_var).
       renorm: keep TF1's renorm statistics (`stddev`, `renorm_mean`, `renorm_stddev`).
       renorm_decay: decay of the renorm correction statistics, in [0, 1).
+      dtype: floating dtype of the state (the layers pass `statistics_dtype(param_dtype)`);
+        updates keep it whatever the batch statistics' dtype.
 
     Returns:
       `RunningStatisticsUpdate(init, update)`:
@@ -170,6 +187,7 @@ def running_statistics(
         _checks.check_decay(decay, "decay")
     _checks.check_decay(renorm_decay, "renorm_decay")
     epsilon = _checks.static_epsilon(epsilon, "epsilon")
+    _checks.check_floating_dtype(dtype, "dtype")
     if decay is None and zero_debias_mean:
         raise ValueError(
             "zero_debias_moving_mean needs an exponential decay; decay=None is already unbiased."
@@ -180,8 +198,8 @@ def running_statistics(
     renorm_average = moving_average(renorm_decay)
 
     def init(mean: jax.Array, variance: jax.Array) -> RunningStatistics:
-        mean = jnp.asarray(mean, STATS_DTYPE)
-        variance = jnp.asarray(variance, STATS_DTYPE)
+        mean = jnp.asarray(mean, dtype)
+        variance = jnp.asarray(variance, dtype)
         state = RunningStatistics(mean, variance)
         if zero_debias_mean:
             state = state._replace(mean_biased=jnp.zeros_like(mean))

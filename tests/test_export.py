@@ -199,8 +199,8 @@ def test_exported_graph_has_no_batch_norm_arithmetic(exported_run):
     workdir, result, _ = exported_run
     serialized = (workdir / "export" / "model.jaxexport").read_bytes()
     folded_text = jax.export.deserialize(bytearray(serialized)).mlir_module()
-    # The same model unfolded, exported the same way but for a static batch (jbn.BatchNorm
-    # does not trace with a symbolic one); convolutions have one lowering per platform.
+    # The same model unfolded, exported the same way but for a static batch (enough to count
+    # the ops); convolutions have one lowering per platform.
     config = smoke_config(**RENORM_ZERO_DEBIAS)
     model = models.create_model(config.model, NUM_CLASSES)
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}

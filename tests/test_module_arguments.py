@@ -3,6 +3,8 @@ construction or trace time."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,3 +156,40 @@ def test_is_training_must_be_a_bool():
         reference.moving_average(0.0, mean.ravel(), 0.5),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "call"),
+    [
+        (dict(), {}),
+        (dict(fused=False), {}),
+        (dict(renorm=True), {}),
+        (dict(), {"batch_weights": np.ones(1, np.float32)}),
+        (dict(data_format="NCHW"), {}),
+    ],
+)
+def test_training_on_one_value_per_feature_is_refused(kwargs, call):
+    # Every training path (fused, composite, renorm, weighted) reaches the same check. With one
+    # value per feature the output would be all beta and 50 steps would collapse the moving
+    # variance; PyTorch refuses it too.
+    shape = (1, 4, 1, 1) if kwargs.get("data_format") == "NCHW" else (1, 4)
+    x = np.full(shape, 3.0, np.float32)
+    module = jbn.BatchNorm(**kwargs)
+    variables = module.init(jax.random.key(0), x, is_training=False)
+    with pytest.raises(ValueError, match=re.escape(f"x of shape {shape} has one (feature axes")):
+        module.apply(variables, x, is_training=True, mutable=["batch_stats"], **call)
+    # Inference on one example is what the moving statistics are for.
+    y = module.apply(variables, x, is_training=False)
+    stats = {
+        k: np.reshape(v, (-1,) + (1,) * (x.ndim - 2)) for k, v in variables["batch_stats"].items()
+    }
+    want = reference.normalize(x, stats["moving_mean"], stats["moving_variance"], 0.0, None, 1e-3)
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+
+
+def test_ghost_batches_of_one_value_per_feature_are_refused():
+    x = random_batches((4, 3), steps=1)[0]
+    ghost = jbn.BatchNorm(virtual_batch_size=1)
+    variables = ghost.init(jax.random.key(0), x, is_training=False)
+    with pytest.raises(ValueError, match="one per ghost batch of virtual_batch_size=1"):
+        ghost.apply(variables, x, is_training=True, mutable=["batch_stats"])

@@ -258,6 +258,44 @@ def test_constructor_checks_are_those_of_linen():
         model(np.ones((2, 4), np.float32), use_running_average=True)
 
 
+def test_training_on_one_value_per_feature_is_refused_and_statistics_stay():
+    model = jbn.nnx.BatchNorm(4, decay=0.5, rngs=nnx.Rngs(0))
+    x = np.full((1, 4), 3.0, np.float32)
+    model.train()
+    with pytest.raises(ValueError, match=re.escape("x of shape (1, 4) has one (feature axes")):
+        model(x)
+    np.testing.assert_array_equal(model.moving_variance[...], np.ones(4))
+    model.eval()  # one example at inference is what the moving statistics are for
+    np.testing.assert_allclose(
+        model(x), reference.normalize(x, 0.0, 1.0, 0.0, None, 1e-3), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("kwargs", [dict(decay=0.0), dict(decay=0.5, renorm=True)])
+def test_float64_parameters_keep_float64_statistics_under_x64(kwargs):
+    # Issue 19: with float32 statistics, inference after a step with decay=0 on float64
+    # N(1e4, 1) data differed from that step's training output by 2e-4.
+    with jax.enable_x64():
+        x = np.random.default_rng(0).normal(1e4, 1.0, (16, 3))
+        model = jbn.nnx.BatchNorm(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **kwargs)
+        assert {v.dtype for v in nnx.state(model, nnx.BatchStat).values()} == {np.dtype(np.float64)}
+        y_train = model(x, use_running_average=False)
+        y_eval = model(x, use_running_average=True)
+        mean, variance, _ = reference.moments(x, 0, keepdims=False)
+        if kwargs.get("renorm"):  # TF1's moving stddev, from sqrt(1) (the initial variance)
+            stddev = reference.moving_average(1.0, np.sqrt(variance + 1e-3), kwargs["decay"])
+            variance = stddev**2 - 1e-3
+        else:
+            np.testing.assert_allclose(y_eval, y_train, rtol=0, atol=1e-9)
+        mean = reference.moving_average(0.0, mean, kwargs["decay"])
+        np.testing.assert_allclose(model.moving_mean[...], mean, rtol=1e-12)
+        np.testing.assert_allclose(model.moving_variance[...], variance, rtol=1e-9)
+        want = reference.normalize(x, mean, variance, 0.0, None, 1e-3)
+        np.testing.assert_allclose(y_eval, want, rtol=0, atol=1e-9)
+        default = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+        assert default.moving_mean[...].dtype == jnp.float32
+
+
 def test_both_modules_take_every_layer_argument_with_the_same_default():
     linen_defaults = {field.name: field.default for field in dataclasses.fields(jbn.BatchNorm)}
     nnx_parameters = inspect.signature(jbn.nnx.BatchNorm.__init__).parameters

@@ -2,6 +2,7 @@
 (`reference.py`)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -294,3 +295,53 @@ def test_counts_are_handed_back_on_request():
     outputs = jbn.batch_renorm(x, None, None, np.zeros(3), np.ones(3), mask=mask, return_count=True)
     np.testing.assert_array_equal(outputs[3], mask.sum((0, 1)))
     assert len(jbn.fused_batch_norm(x)) == 3  # the documented return value is unchanged
+
+
+# Training ops and an input of one value per feature. Renorm is clipped to r = 1, d = 0, that
+# is to batch norm, so that all three compare with the same reference.
+RENORM_AS_BATCH_NORM = dict(rmax=1.0, rmin=1.0, dmax=0.0)
+ONE_VALUE_PER_FEATURE = {
+    "fused": (lambda x, **kw: jbn.fused_batch_norm(x, **kw), (1, 4)),
+    "fused_nchw": (lambda x, **kw: jbn.fused_batch_norm(x, axis=1, **kw), (1, 4, 1, 1)),
+    "renorm": (
+        lambda x, **kw: jbn.batch_renorm(
+            x, None, None, np.zeros(4), np.ones(4), **RENORM_AS_BATCH_NORM, **kw
+        ),
+        (1, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(ONE_VALUE_PER_FEATURE))
+def test_training_on_one_value_per_feature_is_refused_unless_axis_name_brings_the_batch(op):
+    # PyTorch: "Expected more than 1 value per channel when training"; the output would be all
+    # offset and the batch variance 0.
+    call, shape = ONE_VALUE_PER_FEATURE[op]
+    with pytest.raises(ValueError, match=re.escape(f"x of shape {shape} has one (feature axes")):
+        jax.jit(call)(np.ones(shape, np.float32))
+    # Per-example inputs whose batch comes from vmap's axis: the global batch of 6 counts.
+    x = np.random.default_rng(0).normal(2.0, 1.5, (6, *shape)).astype(np.float32)
+    y, mean, variance = jax.vmap(lambda x: call(x, axis_name="batch"), axis_name="batch")(x)
+    feature_axis = len(shape) - 1 if op != "fused_nchw" else 1
+    rows = np.moveaxis(x, feature_axis + 1, -1).reshape(-1, 4)
+    want, want_mean, want_variance = reference.batch_norm(rows, 0, None, None, 1e-3)
+    np.testing.assert_allclose(
+        np.moveaxis(y, feature_axis + 1, -1).reshape(-1, 4), want, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(mean[0], want_mean.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(variance[0], want_variance.ravel(), rtol=1e-5)
+
+
+def test_ghost_batches_of_one_value_per_feature_are_refused_but_masks_are_the_callers_business():
+    with pytest.raises(
+        ValueError, match=re.escape("x of shape (4, 3) has one per ghost batch of virtual_batch")
+    ):
+        jbn.ghost_batch_norm(np.ones((4, 3), np.float32), virtual_batch_size=1)
+    # Spatial positions count: one example of 2x2 pixels is a batch of 4 values per channel.
+    x = np.random.default_rng(0).standard_normal((1, 2, 2, 3)).astype(np.float32)
+    _, mean, _ = jbn.ghost_batch_norm(x, virtual_batch_size=1)
+    np.testing.assert_allclose(mean[0], reference.moments(x, (0, 1, 2))[0].ravel(), rtol=1e-5)
+    # A mask that leaves one counted value is not checked (it may be traced): documented.
+    mask = np.array([True, False, False, False])[:, None]
+    _, _, variance = jbn.fused_batch_norm(np.ones((4, 3), np.float32), mask=mask)
+    np.testing.assert_array_equal(variance, np.zeros(3))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
 
-from jbn.running import BatchStatistics, running_statistics
+from jbn.running import BatchStatistics, running_statistics, statistics_dtype
 
 EPS = 1e-3
 
@@ -105,6 +107,30 @@ def test_ghost_statistics_are_pooled_by_count_and_empty_features_keep_their_valu
         rtol=1e-5,
     )
     assert state.mean[2] == MEAN0[2] and state.variance[2] == VARIANCE0[2]
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_the_state_keeps_its_dtype(renorm):
+    # A float64 state under x64 (what a layer with param_dtype=float64 gets) follows the
+    # formulas in float64, the zero-debias correction included; without x64 the layers'
+    # statistics_dtype(float64) is float32.
+    assert statistics_dtype(jnp.float64) == jnp.float32
+    assert statistics_dtype(jnp.bfloat16) == jnp.float32
+    with jax.enable_x64():
+        assert statistics_dtype(jnp.float64) == jnp.float64
+        rule = running_statistics(
+            0.9, epsilon=EPS, zero_debias_mean=True, renorm=renorm, dtype=jnp.float64
+        )
+        batches = [BatchStatistics(*(v.astype(np.float64) for v in b)) for b in random_batches(3)]
+        state = run(rule, batches, MEAN0, VARIANCE0)
+        floats = [v for v in state._asdict().values() if v is not None and v.ndim == 1]
+        assert len(floats) == (6 if renorm else 3)
+        assert {v.dtype for v in floats} == {np.dtype(np.float64)}
+        means = [batch.mean for batch in batches]
+        want = reference.moving_averages(means, 0.9, zero_debias=True)[-1]
+        np.testing.assert_allclose(state.mean, want, rtol=1e-12)
+    with pytest.raises(TypeError, match="dtype"):
+        running_statistics(0.9, epsilon=EPS, dtype=jnp.int32)
 
 
 def test_bad_arguments():
