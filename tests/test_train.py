@@ -203,8 +203,11 @@ def test_a_doubled_sigterm_is_one_request():
     """Two SIGTERMs at once (sent to a launcher and its child, or to the process group) ask to
     stop once; a SIGTERM later than `DUPLICATE_S` after them aborts."""
     with preemption.StopRequests() as requests:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:  # (uncaught, it would end the pytest session)
+            pytest.fail("the second SIGTERM of a pair aborted")
         assert requests.signal_name == "SIGTERM"  # and the process is still alive
         time.sleep(0.1)  # longer than StopRequests.DUPLICATE_S
         with pytest.raises(KeyboardInterrupt):
