@@ -19,7 +19,6 @@ import stat
 import struct
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -458,16 +457,6 @@ def test_second_sigint_while_saving_finishes_the_save(stopped_run, monkeypatch):
 
 # ----------------------------------------------------------------------------- the workdir
 
-HOLDER = textwrap.dedent(
-    """
-    import sys, time
-    from train import workdirs
-    with workdirs.lock(sys.argv[1]):
-        print("locked", flush=True)
-        time.sleep(300)
-    """
-)
-
 
 def test_a_held_workdir_refuses_another_run_and_export_until_its_holder_dies(
     tmp_path, cache_dir, capsys
@@ -476,14 +465,7 @@ def test_a_held_workdir_refuses_another_run_and_export_until_its_holder_dies(
     one line naming the holder's pid, before anything is written; kill -9 frees it."""
     workdir = tmp_path / "run"
     workdir.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(workdir)],
-        cwd=train_testing.REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with train_testing.workdir_held_elsewhere(workdir) as holder:
         second = train_testing.run_cli(
             "--config=configs/smoke.py", f"--workdir={workdir}", cache_dir=cache_dir
         )
@@ -496,9 +478,6 @@ def test_a_held_workdir_refuses_another_run_and_export_until_its_holder_dies(
         assert export.main(["--workdir", str(workdir)]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ") and f"(pid {holder.pid})" in line, line
-    finally:
-        holder.kill()  # SIGKILL: no handler, no cleanup
-        holder.wait()
     with workdirs.lock(str(workdir)):  # the kernel released the dead holder's lock
         with pytest.raises(workdirs.WorkdirBusy, match=f"pid {os.getpid()}"):
             with workdirs.lock(str(workdir), shared=True):

@@ -129,7 +129,7 @@ def help_text(argv: Sequence[str]) -> str:
     lines = [__doc__.strip(), "", "Flags:"]
     for holder in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID):
         lines.append(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
-    lines += ["  -h, --help: show this help and exit.", ""]
+    lines += ["  -h, --help: show this help and exit (--helpfull: with absl's flags too).", ""]
     if not os.path.isfile(config_path.partition(":")[0]):
         lines.append(f"(No config fields to show: {config_path} does not exist.)")
         return "\n".join(lines)
@@ -150,8 +150,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     run goes under that one path.
     """
     try:
-        if any(arg in ("-h", "--help") for arg in argv[1:]):
+        if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
             print(help_text(argv))
+            if "--helpfull" in argv[1:]:  # absl's own flags too
+                print(f"\nAll flags:\n{flags.FLAGS.get_help()}")
             sys.exit(0)
         # Loaded once here to report a broken file in one line; absl loads it again after.
         config_argument = _config_argument(argv)

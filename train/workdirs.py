@@ -56,9 +56,9 @@ def lock(workdir: str, *, shared: bool = False) -> Iterator[None]:
 
     Exclusive (a training run, which writes): no other holder at all; the holder's pid and host
     are written into the lock file for the message others get. Shared (`shared=True`, a reader
-    such as train.export): no exclusive holder; other readers may hold it too. A reader of a
-    directory that does not exist, or where no lock file can be created (another user's
-    directory), proceeds unlocked: no run of this code can be writing there.
+    such as train.export): no exclusive holder; other readers may hold it too. A reader writes
+    nothing: where there is no lock file (no directory, or no run since runs took the lock)
+    it proceeds unlocked, as no run is writing there.
 
     Raises:
       WorkdirBusy: the lock is held in a conflicting mode (by another process, or by another
@@ -67,10 +67,12 @@ def lock(workdir: str, *, shared: bool = False) -> Iterator[None]:
     """
     path = os.path.join(workdir, LOCK_FILE)
     try:
-        descriptor = os.open(path, (os.O_RDONLY if shared else os.O_RDWR) | os.O_CREAT, 0o666)
+        descriptor = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
     except (FileNotFoundError, PermissionError):
         if not shared:
             raise
+        descriptor = None  # (an unreadable lock file: another user's runs, unseen anyway)
+    if descriptor is None:
         yield
         return
     try:
