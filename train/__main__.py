@@ -206,6 +206,7 @@ def lock_workdir(workdir: str, group: ProcessGroup) -> Iterator[None]:
             except workdirs.WorkdirBusy as error:
                 busy = error
         if group.num_processes > 1:
+            # Imported here, as in `main`: usage errors should not wait for JAX to import.
             import numpy as np
             from jax.experimental import multihost_utils
 
@@ -235,6 +236,7 @@ def main(argv: Sequence[str]) -> None:
         data.DataError,
         checkpoints.CheckpointError,
         distributed.DistributedError,
+        workdirs.WorkdirBusy,
     )
     try:
         group = distributed.process_group_from(
@@ -243,7 +245,7 @@ def main(argv: Sequence[str]) -> None:
         distributed.initialize(group, num_cpu_devices=config.num_cpu_devices)
         with lock_workdir(_WORKDIR.value, group):
             result = train_lib.train_and_evaluate(config, _WORKDIR.value)
-    except (*expected_errors, workdirs.WorkdirBusy) as error:
+    except expected_errors as error:
         fail(str(error))
     except train_lib.DivergenceError as error:
         fail(str(error), status=DIVERGED)
