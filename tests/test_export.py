@@ -10,9 +10,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import pathlib
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -188,6 +190,16 @@ def test_model_json_describes_the_model_and_its_checkpoint(exported_run):
     assert info["run_test_accuracy"] == result.summary["test_accuracy"]
     assert abs(info["test_accuracy"] - result.summary["test_accuracy"]) <= 1 / 200
     assert f"{info['test_accuracy']:.4f}" in stdout and "5 batch norms folded" in stdout
+
+
+def test_run_and_exported_files_have_the_umasks_mode(exported_run):
+    """Readable by others as far as the umask allows: not the 0600 of a temporary file."""
+    workdir = exported_run[0]
+    umask = os.umask(0)
+    os.umask(umask)
+    run_files = ["config.json", "metrics.jsonl", "summary.json"]
+    for path in [*run_files, "export/model.jaxexport", "export/model.json"]:
+        assert stat.S_IMODE((workdir / path).stat().st_mode) == 0o666 & ~umask, path
 
 
 def op_counts(stablehlo_text: str) -> collections.Counter:

@@ -249,5 +249,23 @@ def test_two_processes_on_loopback_agree(parallelism, tmp_path, tmp_path_factory
     assert summary["state_sha256"] == reports[0][1]
 
 
+def test_two_processes_refuse_a_held_workdir_together(tmp_path, tmp_path_factory):
+    """Process 0 cannot lock the workdir: both processes exit 2 at once, neither waits for the
+    other in a collective."""
+    cache_dir = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
+    with train_testing.workdir_held_elsewhere(tmp_path) as holder:
+        result = subprocess.run(
+            [sys.executable, "-m", "train.multihost_demo", f"--workdir={tmp_path}"],
+            cwd=train_testing.REPO,
+            env=train_testing.fast_jax_env(cache_dir),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert "exit statuses [2, 2]" in result.stdout, result.stdout + result.stderr
+    assert f"in use by another training run (pid {holder.pid})" in result.stdout
+    assert "process 0 of this job could not lock it" in result.stdout
+
+
 if __name__ == "__main__":
     print(json.dumps(measure_on_four_devices()))

@@ -2,7 +2,8 @@
 
 Corrupt checkpoints (flipped bytes, truncated or missing files, stray step directories),
 divergence, torn records (empty summary.json, a half-written metrics.jsonl line), other data on
-resume, a workdir that cannot be written, unknown config fields and a second SIGINT while saving.
+resume, a workdir that cannot be written or that another run holds, a workdir through a symlink,
+broken config files, unknown config fields and a second SIGINT while saving.
 Runs use configs/smoke.py (tiny synthetic data) with the fast JAX settings of train_testing.
 """
 
@@ -14,7 +15,10 @@ import os
 import pathlib
 import shutil
 import signal
+import stat
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +27,9 @@ import pytest
 import train_testing
 from train_testing import smoke_config
 
+from configs import default, smoke
 from train import __main__ as cli
-from train import checkpoints, data, metrics
+from train import checkpoints, data, export, metrics, workdirs
 from train import train as train_lib
 
 # The train app's fast JAX settings (tests/conftest.py) for every test here.
@@ -288,6 +293,20 @@ def test_records_are_strict_json(tmp_path):
 # ----------------------------------------------------------------------------- torn records
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Run files and exported files (all written through write_atomically), text and bytes."""
+    previous = os.umask(umask)
+    try:
+        metrics.write_atomically("{}\n", str(tmp_path / "summary.json"))
+        metrics.write_atomically(b"\0\1", str(tmp_path / "model.jaxexport"))
+    finally:
+        os.umask(previous)
+    for name in ("summary.json", "model.jaxexport"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+    assert sorted(os.listdir(tmp_path)) == ["model.jaxexport", "summary.json"]  # no temporaries
+
+
 def test_empty_summary_json_does_not_break_a_rerun(finished_run, uninterrupted):
     (finished_run / "summary.json").write_text("")
     again = train_lib.train_and_evaluate(smoke_config(), str(finished_run))
@@ -434,3 +453,109 @@ def test_second_sigint_while_saving_finishes_the_save(stopped_run, monkeypatch):
         train_lib.train_and_evaluate(smoke_config(), str(stopped_run))
     assert "finished writing the checkpoint of step 32" in str(error.value)
     assert checkpoint_steps(stopped_run)[-1] == 32
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def test_a_held_workdir_refuses_another_run_and_export_until_its_holder_dies(
+    tmp_path, cache_dir, capsys
+):
+    """A run's lock (here held by a bare process): a second run and an export are refused in
+    one line naming the holder's pid, before anything is written; kill -9 frees it."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with train_testing.workdir_held_elsewhere(workdir) as holder:
+        second = train_testing.run_cli(
+            "--config=configs/smoke.py", f"--workdir={workdir}", cache_dir=cache_dir
+        )
+        assert second.returncode == 2, second.stderr
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: --workdir {os.path.realpath(workdir)} is in use"), line
+        assert f"(pid {holder.pid})" in line
+        assert sorted(os.listdir(workdir)) == [workdirs.LOCK_FILE]
+
+        assert export.main(["--workdir", str(workdir)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and f"(pid {holder.pid})" in line, line
+    with workdirs.lock(str(workdir)):  # the kernel released the dead holder's lock
+        with pytest.raises(workdirs.WorkdirBusy, match=f"pid {os.getpid()}"):
+            with workdirs.lock(str(workdir), shared=True):
+                pass
+
+
+def test_a_workdir_through_a_symlink_and_dotdot_is_one_directory(tmp_path):
+    """'link/../run' is where the kernel resolves it (beside the link's target), for the CLI's
+    resolved --workdir and for every file the run writes, checkpoints included."""
+    (tmp_path / "deep" / "target").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "target")
+    given, kernels = f"{tmp_path}/link/../run", tmp_path / "deep" / "run"
+    cli.parse_flags(["train", "--config=configs/smoke.py", f"--workdir={given}"])
+    assert cli._WORKDIR.value == str(kernels)
+    train_lib.train_and_evaluate(smoke_config(num_train_steps=1), given)
+    assert {"checkpoints", "config.json", "metrics.jsonl", "summary.json"} <= set(
+        os.listdir(kernels)
+    )
+    assert not (tmp_path / "run").exists()  # where abspath's textual '..' would put them
+
+
+BROKEN_CONFIG_FILES = {
+    "raises.py": ("def get_config():\n    raise RuntimeError('no such sweep')\n", "line 2: "),
+    "syntax.py": ("def get_config(:\n", "line 1: syntax error"),
+    "config.yaml": ("seed: 0\n", "is not a Python file"),
+    "partial.py": (
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'seed': 1})\n",
+        "lacks fields every run needs: batch_size",
+    ),
+    "no_return.py": ("def get_config():\n    pass\n", "returned NoneType"),
+    "exits.py": ("import sys\n\n\ndef get_config():\n    sys.exit(0)\n", "sys.exit(0)"),
+    "missing.py": (None, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CONFIG_FILES))
+def test_a_broken_config_file_is_one_error_line_naming_it(tmp_path, capsys, name):
+    source, problem = BROKEN_CONFIG_FILES[name]
+    path = tmp_path / name
+    if source is not None:
+        path.write_text(source)
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_flags(["train", f"--config={path}", f"--workdir={tmp_path / 'run'}"])
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: config file {path}") and problem in line, line
+
+
+def leaf_fields(tree: dict, prefix: str = "") -> dict:
+    """{'optimizer.learning_rate': 0.001, ...} of a config's to_dict()."""
+    fields = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            fields.update(leaf_fields(value, f"{prefix}{name}."))
+        else:
+            fields[f"{prefix}{name}"] = value
+    return fields
+
+
+@pytest.mark.parametrize(
+    "args,config_module",
+    [(["--help"], "default"), (["-h", "--config", "configs/smoke.py"], "smoke")],
+)
+def test_help_lists_the_flags_and_every_config_field(args, config_module):
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=train_testing.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("config", "workdir", "coordinator_address", "num_processes", "process_id"):
+        assert f"  --{flag}: " in result.stdout
+    assert "--config.optimizer.learning_rate=3e-3" in result.stdout
+    module = {"default": default, "smoke": smoke}[config_module]
+    for name, value in leaf_fields(module.get_config().to_dict()).items():
+        assert f"\n  {name} = {value!r}\n" in result.stdout, name
+    # With each field its comment (configs/default.py's where the file has none).
+    assert "learning_rate = 0.001\n      the document's Adam learning rate\n" in result.stdout

@@ -21,6 +21,7 @@ import train_testing
 from train_testing import smoke_config
 
 from configs import default
+from train import __main__ as cli
 from train import checkpoints, config_checks, data, devices, metrics, models, preemption
 from train import train as train_lib
 
@@ -196,6 +197,37 @@ def test_stop_requests_turn_sigterm_into_a_flag():
         with pytest.raises(KeyboardInterrupt):  # a second signal aborts
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_doubled_sigterm_is_one_request():
+    """Two SIGTERMs at once (sent to a launcher and its child, or to the process group) ask to
+    stop once; a SIGTERM later than `DUPLICATE_S` after them aborts."""
+    with preemption.StopRequests() as requests:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:  # (uncaught, it would end the pytest session)
+            pytest.fail("the second SIGTERM of a pair aborted")
+        assert requests.signal_name == "SIGTERM"  # and the process is still alive
+        time.sleep(0.1)  # longer than StopRequests.DUPLICATE_S
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_an_abort_by_sigterm_exits_143(tmp_path, monkeypatch, capsys):
+    def train_until_aborted(config, workdir):
+        with preemption.StopRequests():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # longer than StopRequests.DUPLICATE_S
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the second signal aborts before this ends
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", train_until_aborted)
+    cli.parse_flags(["train", "--config=configs/smoke.py", f"--workdir={tmp_path}"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main([])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert "Aborted" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

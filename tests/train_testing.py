@@ -15,6 +15,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 
 import jax
@@ -82,3 +83,30 @@ def run_cli(
     process = start_cli(*args, cache_dir=cache_dir)
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from train import workdirs
+    with workdirs.lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(300)
+    """
+)
+
+
+@contextlib.contextmanager
+def workdir_held_elsewhere(workdir: pathlib.Path) -> Iterator[subprocess.Popen]:
+    """`workdir` locked as a run locks it (train/workdirs.py), by a bare Python process, for the
+    block; the process is then killed with SIGKILL (no handler, no cleanup)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -209,7 +209,8 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        # realpath, not abspath: 'link/..' is where the kernel puts it, as for the run's files.
+        self.directory = os.path.realpath(directory)
         self.max_to_keep = max_to_keep
         self._manager = ocp.CheckpointManager(
             self.directory,

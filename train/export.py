@@ -40,7 +40,7 @@ from flax import traverse_util
 from jax import export
 
 import jbn
-from train import checkpoints, data, metrics, models
+from train import checkpoints, data, metrics, models, workdirs
 from train import train as train_lib
 from train.predict import INFO_FILE, USAGE_ERROR, export_paths
 
@@ -430,15 +430,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
+    workdir = workdirs.resolve(args.workdir)
     try:
-        info = export_run(args.workdir)
-    except (ExportError, checkpoints.CheckpointError, data.DataError) as error:
+        # Refused while a training run holds the workdir: its checkpoint may be deleted under
+        # the export (max_to_keep), and a model of a moving run is rarely the one wanted. A
+        # SIGINT stops the run with a checkpoint to export; rerunning it resumes.
+        with workdirs.lock(workdir, shared=True):
+            info = export_run(workdir)
+    except (
+        ExportError,
+        checkpoints.CheckpointError,
+        data.DataError,
+        workdirs.WorkdirBusy,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as error:
         print(f"error: cannot write the export: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(_describe(info, args.workdir))
+    print(_describe(info, workdir))
     return 0
 
 

@@ -20,8 +20,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,27 +57,24 @@ def _jsonable(value: Any) -> Any:
 
 def write_atomically(data: str | bytes, path: str) -> None:
     """Writes text or bytes to `path` through a temporary file in the same directory and a
-    rename: a crash leaves either the old file or the new one, whole."""
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(
-        "wb" if isinstance(data, bytes) else "w",
-        dir=directory,
-        prefix=f".{os.path.basename(path)}.",
-        delete=False,
-    ) as file:
-        temporary = file.name
-        try:
+    rename: a crash leaves either the old file or the new one, whole.
+
+    The file gets the mode any new file gets (0666 less the umask: 0644 under umask 022), so
+    that other users can read what is shipped; a `tempfile` file would stay 0600.
+    """
+    # Not abspath's textual 'link/..': beside `path` as the kernel resolves it.
+    directory = os.path.dirname(path) or os.curdir
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(descriptor, "wb" if isinstance(data, bytes) else "w") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        except BaseException:
-            file.close()
-            os.unlink(temporary)
-            raise
-    try:
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
 
 
