@@ -2,14 +2,16 @@
 
 Pure functions (`moments`, `weighted_moments`, `batch_normalization`, `fused_batch_norm`,
 `ghost_batch_norm`, `batch_renorm`, moving averages, `jbn.running` for the running
-statistics) and two thin Flax modules: `BatchNorm` (linen) and `jbn.nnx.BatchNorm` (NNX).
+statistics, `jbn.precise_bn` to recompute them for final weights) and two thin Flax
+modules: `BatchNorm` (linen) and `jbn.nnx.BatchNorm` (NNX).
 """
 
-from jbn import nnx, running
+from jbn import nnx, precise_bn, running
 from jbn.averages import MovingAverage, MovingAverageState, moving_average
 from jbn.fold import batch_norm_inference_statistics, fold_batch_norm
 from jbn.module import BatchNorm
 from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
+from jbn.precise_bn import recalibrate_statistics
 from jbn.renorm import batch_renorm, renorm_correction
 from jbn.stats import moments, weighted_moments
 
@@ -26,6 +28,8 @@ __all__ = [
     "moments",
     "moving_average",
     "nnx",
+    "precise_bn",
+    "recalibrate_statistics",
     "renorm_correction",
     "running",
     "weighted_moments",
