@@ -50,8 +50,8 @@ What is written, per layer (`jbn.BatchNorm`, `flax.linen.BatchNorm`):
 * A feature with no counted element in any batch keeps its statistics.
 
 Layers inside Flax's lifted transforms (`nn.scan`, `nn.remat`, `nn.vmap`) are not supported
-(their calls are traced separately; JAX raises an UnexpectedTracerError); NNX modules neither
-(`jbn.nnx`: convert with `jbn.nnx.to_linen_variables` or use the accumulator directly).
+(their calls are traced separately; JAX raises an UnexpectedTracerError), nor are NNX modules
+(`jbn.nnx.BatchNorm`): feed `update` with their batch statistics directly.
 
 Pieces, all pure and usable under `jit`, `pmap` and `shard_map`: the accumulator of one layer
 (`init`, `update`, `finalize` over `Accumulator`), `capture_batch_statistics` (one training-mode
@@ -383,7 +383,8 @@ def recalibrate_statistics(
       num_batches: use at most this many batches (None: all of `batches`; fvcore uses 200).
       variance: 'batch' (the default, fvcore's: the count-weighted mean of the batch
         variances) or 'population' (the variance of all batches together).
-      jit: compile each step with `jax.jit` (False: run eagerly, e.g. inside your own `pmap`).
+      jit: compile each step with `jax.jit` (False: run each step op by op). Under `pmap` or
+        `shard_map`, build your own step from `capture_batch_statistics` and `update`.
 
     Returns:
       The new `batch_stats` collection: same structure, shapes and dtypes.
