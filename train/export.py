@@ -215,13 +215,15 @@ class RestoredRun:
     step: int
     checkpoint: str  # its directory
     state_sha256: str  # as summary.json's: of params and batch_stats
+    train_state: Any = None  # the whole restored train state, optimizer state included
 
 
-def restore_run(workdir: str) -> RestoredRun:
-    """Restores the latest checkpoint of the run in `workdir` (as training would resume it).
+def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
+    """Restores the latest checkpoint of the run in `workdir` (as training would resume it), or
+    the one of `step`.
 
     Raises:
-      ExportError: no run or no checkpoint in `workdir`.
+      ExportError: no run or no checkpoint (of `step`) in `workdir`.
       checkpoints.CheckpointError: the checkpoint cannot be read or does not fit the config.
       data.DataError: the run's dataset cannot be loaded.
     """
@@ -239,7 +241,12 @@ def restore_run(workdir: str) -> RestoredRun:
         raise ExportError(f"cannot read {config_path}: {error}") from None
     checkpointer = checkpoints.Checkpointer(checkpoint_dir)
     try:
-        step = checkpointer.latest_step()
+        if step is not None and step not in checkpointer.all_steps():
+            raise ExportError(
+                f"no checkpoint of step {step} in {checkpoint_dir}; it holds steps "
+                f"{checkpointer.all_steps() or 'none'}"
+            )
+        step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise ExportError(f"no checkpoint in {checkpoint_dir}; {train_hint}")
         checkpointer.check_config(step, config)
@@ -260,6 +267,7 @@ def restore_run(workdir: str) -> RestoredRun:
         step=int(state.step),
         checkpoint=os.path.join(checkpointer.directory, str(step)),
         state_sha256=metrics.tree_sha256(variables),
+        train_state=state,
     )
 
 
