@@ -10,7 +10,7 @@ and is imported only as `jbn.equinox`.
 Unlike `eqx.nn.BatchNorm` (0.13): training normalizes with the batch statistics, never with
 EMA-mixed ones (equinox#659); the running variance starts at 1 (equinox#955); inference reads
 the moving averages themselves, with no `m**t / (1 - m**t)` inflation of the variance; the
-statistics are float32 or wider whatever the input dtype; nested `vmap`s and inputs of any rank
+statistics are float32 or wider whatever the input dtype; nested vmaps and inputs of any rank
 work (equinox#707, #592).
 
 Example::
@@ -66,11 +66,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
       center, scale: learn `beta` / `gamma` (`channelwise_affine=True` is both).
       epsilon: positive float added to the variance (`eps`).
       inference: the mode; `eqx.nn.inference_mode` sets it, the call's `inference` overrides it.
-      fused, zero_debias_moving_mean, unbiased_moving_variance, renorm, renorm_clipping,
-        renorm_decay, axis_index_groups, dtype, param_dtype: as in `jbn.BatchNorm` (same checks,
-        same numbers). `dtype` is the computation and output dtype (None: the input's);
-        `param_dtype` that of `gamma`/`beta`; the statistics are float32 (float64 inputs are
-        reduced in float64).
+      **options: `fused`, `zero_debias_moving_mean`, `unbiased_moving_variance`, `renorm`,
+        `renorm_clipping`, `renorm_decay`, `axis_index_groups`, `dtype`, `param_dtype`: as in
+        `jbn.BatchNorm` (same checks, same numbers). `dtype` is the computation and output
+        dtype (None: the input's); `param_dtype` that of `gamma`/`beta`; the statistics are
+        float32 (float64 inputs are reduced in float64).
 
     Attributes: `gamma`, `beta` (arrays of shape `(C,)`, or None), `state_index` (a `StateIndex`
     of `jbn.running.RunningStatistics`: `mean` and `variance`, float32, start at 0 and 1).

@@ -55,20 +55,8 @@ class BatchNorm(nn.Module):
         # ... apply grads with optax ...
         y_eval = model.apply({"params": params, "batch_stats": batch_stats}, x, is_training=False)
 
-    Names in other libraries (TF1 contrib / jbn -> flax.linen.BatchNorm -> PyTorch BatchNorm2d):
-
-    * `decay=0.9` (weight on the old value) -> `momentum=0.9` -> `momentum=0.1` (weight on the
-      new value: `momentum = 1 - decay`).
-    * `is_training=False` -> `use_running_average=True` -> `module.eval()`; Keras:
-      `training=False`.
-    * `center`, `scale` -> `use_bias`, `use_scale` -> `affine` (both together).
-    * `data_format='NCHW'` -> `axis=1` (jbn accepts `axis=` too) -> the only layout.
-    * `decay=None` (cumulative average) -> none -> `momentum=None`.
-    * `epsilon` (default 1e-3) -> `epsilon` (1e-5) -> `eps` (1e-5).
-    * `moving_mean`, `moving_variance` -> `mean`, `var` -> `running_mean`, `running_var`.
-      TF1 (non-fused), flax and jbn store the biased variance (divided by n); PyTorch stores the
-      unbiased one (n - 1): set `unbiased_moving_variance=True` to match its checkpoints.
-    * `updates_collections` / `UPDATE_OPS` -> `mutable=["batch_stats"]` -> in-place buffers.
+    Names in other libraries (TF1, flax.linen, flax.nnx, PyTorch) and where their semantics
+    differ: the table of the guide "Coming from TF1, flax or PyTorch" (docs/guides/migration.md).
 
     Variables: `params` hold `beta` (if `center`) and `gamma` (if `scale`), of the feature shape
     `(C,)` (the sizes along `axis`) and dtype `param_dtype`. `batch_stats` holds `moving_mean`

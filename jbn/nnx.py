@@ -60,11 +60,12 @@ class BatchNorm(nnx.Module):
         evaluates (moving statistics, nothing moves), None requires the call argument.
         `model.train()`, `model.eval()` and `nnx.view` set it.
       rngs: `nnx.Rngs` for the initializers.
-      decay, center, scale, epsilon, activation_fn, param_initializers, param_regularizers,
-        trainable, fused, data_format, axis, zero_debias_moving_mean, renorm,
-        renorm_clipping, renorm_decay, virtual_batch_size, axis_name, axis_index_groups,
-        dtype, param_dtype, unbiased_moving_variance: as in `jbn.BatchNorm` (same defaults,
-        same checks, same numbers).
+      **options: `decay`, `center`, `scale`, `epsilon`, `activation_fn`,
+        `param_initializers`, `param_regularizers`, `trainable`, `fused`, `data_format`,
+        `axis`, `zero_debias_moving_mean`, `renorm`, `renorm_clipping`, `renorm_decay`,
+        `virtual_batch_size`, `axis_name`, `axis_index_groups`, `dtype`, `param_dtype`,
+        `unbiased_moving_variance`: as in `jbn.BatchNorm` (same defaults, same checks, same
+        numbers).
 
     Attributes: `beta`, `gamma` (`nnx.Param` or None); `moving_mean`, `moving_variance` and,
     depending on the options, `moving_stddev`, `moving_mean_biased`, `renorm_mean`,

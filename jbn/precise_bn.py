@@ -87,6 +87,7 @@ __all__ = [
     "update",
 ]
 
+#: The values of `recalibrate_statistics`'s `variance` argument.
 VARIANCES = ("batch", "population")
 BATCH_NORM_TYPES = (BatchNorm, nn.BatchNorm)
 
