@@ -13,16 +13,18 @@ the moving averages themselves, with no `m**t / (1 - m**t)` inflation of the var
 statistics are float32 or wider whatever the input dtype; nested vmaps and inputs of any rank
 work (equinox#707, #592).
 
-Example::
+Example (a doctest, run by tests/test_docstrings.py):
 
-    import equinox as eqx, jax, jax.numpy as jnp
-    import jbn.equinox
-
-    bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch")
-    batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    y, state = batched(x, state)                  # x: (B, 3, H, W); statistics move
-    inference = eqx.nn.inference_mode(bn)
-    y = jax.vmap(inference, in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+>>> import equinox as eqx, jax, jax.numpy as jnp
+>>> import jbn.equinox
+>>> x = jax.random.normal(jax.random.key(0), (8, 3, 4, 4))  # (B, C, H, W)
+>>> bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch")
+>>> batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+>>> y, state = batched(x, state)  # training: the batch's statistics; the moving ones move
+>>> inference = eqx.nn.inference_mode(bn)
+>>> y = jax.vmap(inference, in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+>>> y.shape, state.get(bn.state_index).mean.shape
+((8, 3, 4, 4), (3,))
 """
 
 from __future__ import annotations
