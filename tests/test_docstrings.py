@@ -1,4 +1,4 @@
-"""The examples in jbn's docstrings run, as doctests, and print what they say.
+"""The examples in jbn's docstrings run, as doctests, and print what they say; README's run too.
 
 Each public module's docstrings are collected by `doctest` (the `>>>` examples the API
 reference shows); a module listed in EXAMPLES must hold at least that many examples, so that an
@@ -7,6 +7,8 @@ example rewritten as plain text (no longer run) fails here.
 
 import doctest
 import importlib
+import pathlib
+import re
 
 import pytest
 
@@ -43,3 +45,19 @@ def test_docstring_examples_run(name):
     results = runner.summarize(verbose=False)
     assert results.failed == 0, f"{results.failed} failing examples in {name} (output above)"
     assert len(tests) >= EXAMPLES.get(name, 0), f"{name} lost its docstring examples"
+
+
+def readme_examples() -> list[str]:
+    """The Python code blocks of README.md, in order."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", readme, flags=re.M | re.S)
+
+
+def test_readme_examples_run():
+    examples = readme_examples()
+    assert len(examples) >= 3  # the core, linen and NNX
+    namespace = {}
+    for example in examples:  # one namespace: each example builds on the ones before
+        exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["y"].shape == (32, 8, 8, 16)
+    assert type(namespace["flax_model"].layers[1]).__module__ == "jbn.nnx"
