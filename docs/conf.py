@@ -41,7 +41,10 @@ napoleon_numpy_docstring = False
 # NamedTuple fields have entries of their own; the class docstring's Attributes are fields.
 napoleon_use_ivar = True
 autosummary_generate = True
-autodoc_typehints = "signature"
+# Signatures read as calls; the types go to the parameters' descriptions.
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"
+python_use_unqualified_type_names = True
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 # Intersphinx needs the network; the build must run offline, so no inventories are fetched.
