@@ -26,7 +26,7 @@ from train import train as train_lib
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
-OVERRIDES = {"model.features": (8, 8, 8, 8), "model.decay": 0.999, "num_train_steps": 16}
+OVERRIDES = {"model.features": (8, 8, 8, 8), "model.decay": 0.999, "num_train_steps": 32}
 BATCHES = 3
 
 
@@ -89,7 +89,7 @@ def test_recalibrated_statistics_are_those_of_the_first_training_batches(recalib
 def test_the_report_and_the_run_left_as_it_was(recalibrated_run):
     workdir, before, stdout = recalibrated_run
     info = json.loads((workdir / "recalibrated" / "recalibration.json").read_text())
-    assert info["batches"] == BATCHES and info["step"] == 16
+    assert info["batches"] == BATCHES and info["step"] == 32
     assert f"{info['moving_average_test_accuracy']:.4f} with the moving averages" in stdout
     assert f"{info['recalibrated_test_accuracy']:.4f} recalibrated" in stdout
     events = metrics.read_events(str(workdir / metrics.METRICS_FILE))
@@ -98,7 +98,7 @@ def test_the_report_and_the_run_left_as_it_was(recalibrated_run):
     # The run's own checkpoints are untouched: resume and export read the training's state.
     assert {step: _checkpoint_digest(workdir, step) for step in _steps(workdir)} == before
     recalibrated = export.restore_run(str(workdir / "recalibrated"))
-    assert recalibrated.state_sha256 == info["state_sha256"] != before[16]
+    assert recalibrated.state_sha256 == info["state_sha256"] != before[32]
 
 
 def test_recalibrated_directory_exports_with_its_accuracy(recalibrated_run):
@@ -110,12 +110,17 @@ def test_recalibrated_directory_exports_with_its_accuracy(recalibrated_run):
     assert exported["test_accuracy"] == pytest.approx(info["recalibrated_test_accuracy"])
 
 
-def test_recalibrating_again_replaces_the_same_checkpoint(recalibrated_run, tmp_path):
+def test_recalibrating_again_replaces_the_recalibration(recalibrated_run, tmp_path):
+    """An older step after a newer one (orbax saves no step below its newest)."""
     workdir = tmp_path / "run"
     shutil.copytree(recalibrated_run[0], workdir)
+    (workdir / "recalibrated" / "export").mkdir(exist_ok=True)
     first = json.loads((workdir / "recalibrated" / "recalibration.json").read_text())
     with contextlib.redirect_stdout(io.StringIO()):
-        assert recalibrate.main(["--workdir", str(workdir), "--batches", str(BATCHES + 1)]) == 0
+        status = recalibrate.main(
+            ["--workdir", str(workdir), "--batches", str(BATCHES + 1), "--step", "16"]
+        )
+    assert status == 0
     again = json.loads((workdir / "recalibrated" / "recalibration.json").read_text())
     assert again["batches"] == BATCHES + 1 and again["state_sha256"] != first["state_sha256"]
     recalibrated = export.restore_run(str(workdir / "recalibrated"))
@@ -123,6 +128,7 @@ def test_recalibrating_again_replaces_the_same_checkpoint(recalibrated_run, tmp_
     checkpointer = checkpoints.Checkpointer(str(workdir / "recalibrated" / "checkpoints"))
     assert checkpointer.all_steps() == [16]
     checkpointer.close()
+    assert not (workdir / "recalibrated" / "export").exists()  # of the earlier recalibration
 
 
 @pytest.mark.parametrize(
