@@ -163,3 +163,42 @@ def test_cli_without_a_run_is_one_error_line_and_help_exits_0(tmp_path, cache_di
     assert not (tmp_path / "recalibrated").exists()
     help_run = run("--help")
     assert help_run.returncode == 0 and "--batches" in help_run.stdout
+
+
+def test_benchmark_table_recalibration_removes_the_decays_effect(tmp_path, cache_dir):
+    """benchmarks/recalibration.py on synthetic data: the two decays train the same weights
+    (training normalizes with batch statistics), so their recalibrated accuracies agree."""
+    synthetic = {
+        "dataset.name": "'synthetic'",
+        "dataset.source": "'synthetic'",
+        "dataset.synthetic_train_size": 512,
+        "dataset.synthetic_test_size": 200,
+        "dataset.synthetic_image_shape": "(16, 16, 3)",
+        "model.features": "(8, 8, 8, 8)",
+        "batch_size": 32,
+        "eval_batch_size": 100,
+    }
+    results = tmp_path / "recalibration.md"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/recalibration.py",
+            "--epochs=2",
+            "--batches=3",
+            f"--out={tmp_path}",
+            f"--results={results}",
+            *(f"--set={field}={value}" for field, value in synthetic.items()),
+        ],
+        cwd=train_testing.REPO,
+        env=train_testing.fast_jax_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = results.read_text().splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 0.")]
+    table = {(row[0].strip(), row[1].strip()): [float(v) for v in row[3:]] for row in rows}
+    assert sorted(table) == [("0.9", "1"), ("0.9", "2"), ("0.999", "1"), ("0.999", "2")]
+    for epoch in ("1", "2"):
+        assert table[("0.9", epoch)][1:] == table[("0.999", epoch)][1:]
