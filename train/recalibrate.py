@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 import jbn
-from train import checkpoints, data, export, metrics
+from train import checkpoints, data, export, metrics, workdirs
 from train import train as train_lib
 from train.predict import USAGE_ERROR
 
@@ -106,9 +106,6 @@ def recalibrate_run(
         raise ValueError(f"batches must be a positive integer, got {batches!r}.")
     if variance not in jbn.precise_bn.VARIANCES:
         raise ValueError(f"variance must be one of {jbn.precise_bn.VARIANCES}, got {variance!r}.")
-    # TODO(workdir lock): take the workdir lock of train/ (fcntl.flock, on another branch) here,
-    # before reading the checkpoints, and hold it until recalibration.json is written: a
-    # training run writing DIR meanwhile would race with this restore and with the output.
     run = export.restore_run(workdir, step)
     dataset, config = run.dataset, run.config
     # The restored train state as training saved it (optimizer state included): only its
@@ -200,15 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+    workdir = workdirs.resolve(args.workdir)
     try:
-        info = recalibrate_run(args.workdir, args.batches, args.step, args.variance)
-    except (export.ExportError, checkpoints.CheckpointError, data.DataError) as error:
+        # Exclusive, as a training run: a run writing the workdir would race with the restore,
+        # and two recalibrations with each other's DIR/recalibrated.
+        with workdirs.lock(workdir):
+            info = recalibrate_run(workdir, args.batches, args.step, args.variance)
+    except (
+        export.ExportError,
+        checkpoints.CheckpointError,
+        data.DataError,
+        workdirs.WorkdirBusy,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as error:
         print(f"error: cannot write the recalibrated checkpoint: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(_describe(info, args.workdir))
+    print(_describe(info, workdir))
     return 0
 
 
