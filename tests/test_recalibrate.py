@@ -26,7 +26,7 @@ from train import train as train_lib
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
-OVERRIDES = {"model.features": (8, 8, 8, 8), "model.decay": 0.999, "num_train_steps": 16}
+OVERRIDES = {"model.features": (8, 8, 8, 8), "model.decay": 0.999, "num_train_steps": 32}
 BATCHES = 3
 
 
@@ -89,7 +89,7 @@ def test_recalibrated_statistics_are_those_of_the_first_training_batches(recalib
 def test_the_report_and_the_run_left_as_it_was(recalibrated_run):
     workdir, before, stdout = recalibrated_run
     info = json.loads((workdir / "recalibrated" / "recalibration.json").read_text())
-    assert info["batches"] == BATCHES and info["step"] == 16
+    assert info["batches"] == BATCHES and info["step"] == 32
     assert f"{info['moving_average_test_accuracy']:.4f} with the moving averages" in stdout
     assert f"{info['recalibrated_test_accuracy']:.4f} recalibrated" in stdout
     events = metrics.read_events(str(workdir / metrics.METRICS_FILE))
@@ -98,7 +98,7 @@ def test_the_report_and_the_run_left_as_it_was(recalibrated_run):
     # The run's own checkpoints are untouched: resume and export read the training's state.
     assert {step: _checkpoint_digest(workdir, step) for step in _steps(workdir)} == before
     recalibrated = export.restore_run(str(workdir / "recalibrated"))
-    assert recalibrated.state_sha256 == info["state_sha256"] != before[16]
+    assert recalibrated.state_sha256 == info["state_sha256"] != before[32]
 
 
 def test_recalibrated_directory_exports_with_its_accuracy(recalibrated_run):
@@ -110,12 +110,17 @@ def test_recalibrated_directory_exports_with_its_accuracy(recalibrated_run):
     assert exported["test_accuracy"] == pytest.approx(info["recalibrated_test_accuracy"])
 
 
-def test_recalibrating_again_replaces_the_same_checkpoint(recalibrated_run, tmp_path):
+def test_recalibrating_again_replaces_the_recalibration(recalibrated_run, tmp_path):
+    """An older step after a newer one (orbax saves no step below its newest)."""
     workdir = tmp_path / "run"
     shutil.copytree(recalibrated_run[0], workdir)
+    (workdir / "recalibrated" / "export").mkdir(exist_ok=True)
     first = json.loads((workdir / "recalibrated" / "recalibration.json").read_text())
     with contextlib.redirect_stdout(io.StringIO()):
-        assert recalibrate.main(["--workdir", str(workdir), "--batches", str(BATCHES + 1)]) == 0
+        status = recalibrate.main(
+            ["--workdir", str(workdir), "--batches", str(BATCHES + 1), "--step", "16"]
+        )
+    assert status == 0
     again = json.loads((workdir / "recalibrated" / "recalibration.json").read_text())
     assert again["batches"] == BATCHES + 1 and again["state_sha256"] != first["state_sha256"]
     recalibrated = export.restore_run(str(workdir / "recalibrated"))
@@ -123,6 +128,7 @@ def test_recalibrating_again_replaces_the_same_checkpoint(recalibrated_run, tmp_
     checkpointer = checkpoints.Checkpointer(str(workdir / "recalibrated" / "checkpoints"))
     assert checkpointer.all_steps() == [16]
     checkpointer.close()
+    assert not (workdir / "recalibrated" / "export").exists()  # of the earlier recalibration
 
 
 @pytest.mark.parametrize(
@@ -157,3 +163,42 @@ def test_cli_without_a_run_is_one_error_line_and_help_exits_0(tmp_path, cache_di
     assert not (tmp_path / "recalibrated").exists()
     help_run = run("--help")
     assert help_run.returncode == 0 and "--batches" in help_run.stdout
+
+
+def test_benchmark_table_recalibration_removes_the_decays_effect(tmp_path, cache_dir):
+    """benchmarks/recalibration.py on synthetic data: the two decays train the same weights
+    (training normalizes with batch statistics), so their recalibrated accuracies agree."""
+    synthetic = {
+        "dataset.name": "'synthetic'",
+        "dataset.source": "'synthetic'",
+        "dataset.synthetic_train_size": 512,
+        "dataset.synthetic_test_size": 200,
+        "dataset.synthetic_image_shape": "(16, 16, 3)",
+        "model.features": "(8, 8, 8, 8)",
+        "batch_size": 32,
+        "eval_batch_size": 100,
+    }
+    results = tmp_path / "recalibration.md"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/recalibration.py",
+            "--epochs=2",
+            "--batches=3",
+            f"--out={tmp_path}",
+            f"--results={results}",
+            *(f"--set={field}={value}" for field, value in synthetic.items()),
+        ],
+        cwd=train_testing.REPO,
+        env=train_testing.fast_jax_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = results.read_text().splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 0.")]
+    table = {(row[0].strip(), row[1].strip()): [float(v) for v in row[3:]] for row in rows}
+    assert sorted(table) == [("0.9", "1"), ("0.9", "2"), ("0.999", "1"), ("0.999", "2")]
+    for epoch in ("1", "2"):
+        assert table[("0.9", epoch)][1:] == table[("0.999", epoch)][1:]

@@ -29,7 +29,7 @@ from train_testing import smoke_config
 
 from configs import default, smoke
 from train import __main__ as cli
-from train import checkpoints, data, export, metrics, workdirs
+from train import checkpoints, data, export, metrics, recalibrate, workdirs
 from train import train as train_lib
 
 # The train app's fast JAX settings (tests/conftest.py) for every test here.
@@ -458,11 +458,12 @@ def test_second_sigint_while_saving_finishes_the_save(stopped_run, monkeypatch):
 # ----------------------------------------------------------------------------- the workdir
 
 
-def test_a_held_workdir_refuses_another_run_and_export_until_its_holder_dies(
+def test_a_held_workdir_refuses_another_run_export_and_recalibration_until_its_holder_dies(
     tmp_path, cache_dir, capsys
 ):
-    """A run's lock (here held by a bare process): a second run and an export are refused in
-    one line naming the holder's pid, before anything is written; kill -9 frees it."""
+    """A run's lock (here held by a bare process): a second run, an export and a recalibration
+    are refused in one line naming the holder's pid, before anything is written; kill -9 frees
+    it."""
     workdir = tmp_path / "run"
     workdir.mkdir()
     with train_testing.workdir_held_elsewhere(workdir) as holder:
@@ -475,9 +476,10 @@ def test_a_held_workdir_refuses_another_run_and_export_until_its_holder_dies(
         assert f"(pid {holder.pid})" in line
         assert sorted(os.listdir(workdir)) == [workdirs.LOCK_FILE]
 
-        assert export.main(["--workdir", str(workdir)]) == 2
-        (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith("error: ") and f"(pid {holder.pid})" in line, line
+        for reader in (export, recalibrate):
+            assert reader.main(["--workdir", str(workdir)]) == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith("error: ") and f"(pid {holder.pid})" in line, line
     with workdirs.lock(str(workdir)):  # the kernel released the dead holder's lock
         with pytest.raises(workdirs.WorkdirBusy, match=f"pid {os.getpid()}"):
             with workdirs.lock(str(workdir), shared=True):

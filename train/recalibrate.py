@@ -11,7 +11,7 @@ averages and with the recalibrated statistics, and writes:
 
 * `DIR/recalibrated/checkpoints/<step>`: the train state with the new `batch_stats` (everything
   else unchanged), saved, read back and verified like a training checkpoint, under the same
-  step number;
+  step number (one at a time: a new recalibration replaces the directory);
 * `DIR/recalibrated/config.json`: the run's config, so that `DIR/recalibrated` reads as a run:
   `python -m train.export --workdir DIR/recalibrated` exports the recalibrated model;
 * `DIR/recalibrated/recalibration.json`: both test accuracies, the batches used, the source
@@ -21,9 +21,9 @@ The recalibrated checkpoint lives in its own directory rather than as a new step
 `DIR/checkpoints/`: resuming and `train.export --workdir DIR` keep reading the training's own
 state (a later step there would be taken for the newest training step and resumed from, and its
 number would lie about the steps trained), and the moving averages stay available to compare.
-Recalibrating the same step again replaces its recalibrated checkpoint (the result is
-deterministic). Problems (no run, an unreadable checkpoint, missing data, a bad argument) print
-one `error:` line and exit with 2.
+Recalibrating again (any step) replaces `DIR/recalibrated`, an export inside it included.
+Problems (no run, an unreadable checkpoint, missing data, a bad argument) print one `error:`
+line and exit with 2.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 import jbn
-from train import checkpoints, data, export, metrics
+from train import checkpoints, data, export, metrics, workdirs
 from train import train as train_lib
 from train.predict import USAGE_ERROR
 
@@ -106,9 +106,6 @@ def recalibrate_run(
         raise ValueError(f"batches must be a positive integer, got {batches!r}.")
     if variance not in jbn.precise_bn.VARIANCES:
         raise ValueError(f"variance must be one of {jbn.precise_bn.VARIANCES}, got {variance!r}.")
-    # TODO(workdir lock): take the workdir lock of train/ (fcntl.flock, on another branch) here,
-    # before reading the checkpoints, and hold it until recalibration.json is written: a
-    # training run writing DIR meanwhile would race with this restore and with the output.
     run = export.restore_run(workdir, step)
     dataset, config = run.dataset, run.config
     # The restored train state as training saved it (optimizer state included): only its
@@ -131,12 +128,11 @@ def recalibrate_run(
 
     out = os.path.join(workdir, OUTPUT_DIR)
     checkpoint_dir = os.path.join(out, "checkpoints")
-    # Deterministic, so an earlier recalibration of this step is simply replaced (Checkpointer
-    # never overwrites a step).
-    shutil.rmtree(os.path.join(checkpoint_dir, str(run.step)), ignore_errors=True)
-    checkpointer = checkpoints.Checkpointer(
-        checkpoint_dir, max_to_keep=max(config.checkpoint_max_to_keep, 1)
-    )
+    # One recalibration at a time: it replaces an earlier one (of any step, and its export),
+    # all derived from the run's own checkpoints. Orbax never saves a step below its newest,
+    # and the Checkpointer never overwrites a step.
+    shutil.rmtree(out, ignore_errors=True)
+    checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=1)
     try:
         checkpointer.save(run.step, recalibrated, config, data.data_fingerprint(dataset))
     finally:
@@ -201,15 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+    workdir = workdirs.resolve(args.workdir)
     try:
-        info = recalibrate_run(args.workdir, args.batches, args.step, args.variance)
-    except (export.ExportError, checkpoints.CheckpointError, data.DataError) as error:
+        # Exclusive, as a training run: a run writing the workdir would race with the restore,
+        # and two recalibrations with each other's DIR/recalibrated.
+        with workdirs.lock(workdir):
+            info = recalibrate_run(workdir, args.batches, args.step, args.variance)
+    except (
+        export.ExportError,
+        checkpoints.CheckpointError,
+        data.DataError,
+        workdirs.WorkdirBusy,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as error:
         print(f"error: cannot write the recalibrated checkpoint: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(_describe(info, args.workdir))
+    print(_describe(info, workdir))
     return 0
 
 
