@@ -48,9 +48,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # The documentation site (docs/): every page's code cells run, any warning is an error (-W:
-# a broken docstring, an unresolved cross-reference, a public name without an API entry).
+# a broken docstring, an unresolved cross-reference, a public name without an API entry). The
+# pages are read (their code run) in parallel, one process per core.
 docs: $(STAMP)
-	$(BIN)/sphinx-build -b html -W --keep-going -q docs docs/_build/html
+	$(BIN)/sphinx-build -j auto -b html -W --keep-going -q docs docs/_build/html
 	@echo "the site is in docs/_build/html (open index.html)"
 
 # tests/test_docs_site.py opens the built site in headless Chromium, from Debian's `chromium`
