@@ -361,7 +361,7 @@ def test_learning_rate_schedules():
 
 def fake_layout(num_devices: int) -> devices.DeviceLayout:
     device = jax.devices()[0]  # only counted
-    return devices.DeviceLayout("sharding", (device,) * num_devices, 1, 0)
+    return devices.ShardedJit((device,) * num_devices, 1, 0)
 
 
 @pytest.mark.parametrize(

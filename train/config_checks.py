@@ -8,18 +8,25 @@ and everything else here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import ml_collections
 
 from train import models
 
-if TYPE_CHECKING:
-    from train.devices import DeviceLayout
-
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Devices(Protocol):
+    """What the checks need of a `devices.DeviceLayout` (which imports this module)."""
+
+    local_devices: tuple[Any, ...]
+    num_processes: int
+
+    @property
+    def num_devices(self) -> int: ...
 
 
 class ConfigError(Exception):
@@ -31,7 +38,7 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_config(config: ml_collections.ConfigDict, layout: DeviceLayout) -> None:
+def check_config(config: ml_collections.ConfigDict, layout: _Devices) -> None:
     """Raises ConfigError for values that cannot work (before any data is loaded)."""
     devices = layout.num_devices
     for field in ("batch_size", "eval_batch_size"):
