@@ -46,11 +46,11 @@ BATCH_SIZES = (1, 7)
 # the decay (its statistics differ from the moving ones), and a learned gamma.
 RENORM_ZERO_DEBIAS = {
     "model.features": (8, 8, 8, 8),
-    "model.decay": 0.95,
-    "model.scale": True,
-    "model.zero_debias_moving_mean": True,
-    "model.renorm": True,
-    "model.renorm_decay": 0.5,
+    "model.batch_norm.decay": 0.95,
+    "model.batch_norm.scale": True,
+    "model.batch_norm.zero_debias_moving_mean": True,
+    "model.batch_norm.renorm": True,
+    "model.batch_norm.renorm_decay": 0.5,
     "num_train_steps": 8,  # half an epoch: one checkpoint, at step 8, after an evaluation
 }
 
@@ -321,7 +321,7 @@ def random_batch_stats(batch_stats, rng):
 
 
 def test_flax_batch_norm_folds_too():
-    config = smoke_config(**{"model.batch_norm_impl": "flax", "model.scale": True})
+    config = smoke_config(**{"model.batch_norm_impl": "flax", "model.batch_norm.scale": True})
     model = models.create_model(config.model, NUM_CLASSES)
     x = jax.random.normal(jax.random.key(1), (3, *IMAGE_SHAPE))
     variables = model.init(jax.random.key(0), x, is_training=False)

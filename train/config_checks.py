@@ -1,7 +1,8 @@
 """The checks of a training config, run before any data is loaded; errors name the field.
 
 Each value is checked in one place: the batch norm arguments by jbn itself (through
-`models.check_batch_norm_config`, which builds them as the model does), the device layout by
+`models.check_batch_norm_config`: `jbn.layer.layer_options` on the arguments the model passes),
+the device layout by
 `devices.device_layout`, a batch size against the dataset by `data.steps_per_epoch`,
 and everything else here.
 """
@@ -98,8 +99,9 @@ def _check_model(model: ml_collections.ConfigDict, per_device_batch: int) -> Non
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
     # Only the app knows the per-device batch before tracing; jbn checks the batch it is given.
-    ghost = model.virtual_batch_size
+    ghost = model.batch_norm.virtual_batch_size
     _require(
         ghost is None or per_device_batch % ghost == 0,
-        f"model.virtual_batch_size={ghost} must divide the per-device batch {per_device_batch}",
+        f"model.batch_norm.virtual_batch_size={ghost} must divide the per-device batch "
+        f"{per_device_batch}",
     )
