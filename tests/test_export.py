@@ -406,6 +406,25 @@ def test_export_without_a_checkpoint_is_one_error_line(tmp_path, cache_dir):
     assert not (tmp_path / "checkpoints").exists()  # looking created nothing
 
 
+def test_a_run_saved_before_the_batch_norm_group_exports_the_same(exported_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(exported_run[0], workdir)
+    shutil.rmtree(workdir / "export")
+    for old in train_testing.rewrite_in_the_format_before_issue_22(workdir):
+        assert old["model"]["renorm_decay"] == 0.5 and "batch_norm" not in old["model"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export.main(["--workdir", str(workdir)]) == 0
+    # The same model from the same checkpoint: the same folding and test accuracy (the
+    # serialized bytes differ from export to export).
+    infos = [
+        json.loads((run / "export" / "model.json").read_text())
+        for run in (workdir, exported_run[0])
+    ]
+    for info in infos:  # all but where it came from
+        del info["model_sha256"], info["source"]["workdir"], info["source"]["checkpoint"]
+    assert infos[0] == infos[1]
+
+
 def test_export_of_a_corrupt_checkpoint_is_one_error_line(exported_run, tmp_path, cache_dir):
     workdir = tmp_path / "run"
     shutil.copytree(exported_run[0], workdir)

@@ -260,32 +260,12 @@ def test_incompatible_checkpoint_is_refused(stopped_run, override, field):
     assert field in str(error.value)
 
 
-def in_the_format_before_issue_22(saved: dict) -> dict:
-    """A config saved today as the app wrote it before model.batch_norm (jbn's arguments as
-    model fields, renorm_rmax/renorm_dmax for the clipping bounds, rmin = 1 / renorm_rmax)."""
-    old = json.loads(json.dumps(saved))
-    batch_norm = old["model"].pop("batch_norm")
-    clipping = batch_norm.pop("renorm_clipping")
-    old["model"].update(batch_norm, renorm_rmax=clipping["rmax"], renorm_dmax=clipping["dmax"])
-    return old
-
-
 @pytest.mark.parametrize("decay", [0.9, 0.5])
 def test_a_run_saved_before_the_batch_norm_group_resumes(stopped_run, decay):
     """Checkpoints and config.json of the old config format are read in today's names."""
-    saved_configs = [stopped_run / "config.json"] + [
-        path
-        for path in (stopped_run / "checkpoints").rglob("*")
-        if path.is_file()
-        and path.read_bytes().startswith(b'{"')
-        and b'"model"' in path.read_bytes()
-    ]
-    assert len(saved_configs) >= 2  # config.json and the checkpoint's own
-    for path in saved_configs:
-        old = in_the_format_before_issue_22(json.loads(path.read_text()))
+    for old in train_testing.rewrite_in_the_format_before_issue_22(stopped_run):
         assert "decay" in old["model"] and "batch_norm" not in old["model"]
         old["model"]["decay"] = decay
-        path.write_text(json.dumps(old))
     if decay == 0.9:  # the smoke config's: the same run
         result = train_lib.train_and_evaluate(smoke_config(), str(stopped_run))
         assert result.summary["resumed_from_step"] == 2
