@@ -2,9 +2,8 @@
 
 Each value is checked in one place: the batch norm arguments by jbn itself (through
 `models.check_batch_norm_config`: `jbn.layer.layer_options` on the arguments the model passes),
-the device layout by
-`devices.device_layout`, a batch size against the dataset by `data.steps_per_epoch`,
-and everything else here.
+the device layout by `devices.device_layout`, a batch size against the dataset by
+`data.steps_per_epoch`, and everything else here.
 """
 
 from __future__ import annotations
