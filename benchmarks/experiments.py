@@ -116,10 +116,13 @@ def decay(epochs: int, out: pathlib.Path) -> tuple[dict, dict]:
     checks that.
     """
     runs = {
-        "decay=0.9": {"model.decay": 0.9},
-        "decay=0.99": {"model.decay": 0.99},
-        "decay=0.999": {"model.decay": 0.999},
-        "decay=0.999 zero_debias": {"model.decay": 0.999, "model.zero_debias_moving_mean": True},
+        "decay=0.9": {"model.batch_norm.decay": 0.9},
+        "decay=0.99": {"model.batch_norm.decay": 0.99},
+        "decay=0.999": {"model.batch_norm.decay": 0.999},
+        "decay=0.999 zero_debias": {
+            "model.batch_norm.decay": 0.999,
+            "model.batch_norm.zero_debias_moving_mean": True,
+        },
     }
     results = {
         name: run(
@@ -142,27 +145,32 @@ def small_batch(epochs: int, out: pathlib.Path) -> tuple[dict, dict]:
     At batches of 8 and 4 the moving averages use decay 0.99 (about 100 batches, 800 or 400
     examples, nearer decay 0.9 at batch 128); the document's 0.9 would average only 80 or 40.
     """
-    renorm = {"model.renorm": True, "model.renorm_rmax": 3.0, "model.renorm_dmax": 5.0}
+    renorm = {
+        "model.batch_norm.renorm": True,
+        "model.batch_norm.renorm_clipping.rmax": 3.0,
+        "model.batch_norm.renorm_clipping.rmin": 1 / 3.0,
+        "model.batch_norm.renorm_clipping.dmax": 5.0,
+    }
     runs = {
         "batch 128": {"batch_size": 128, "eval_every_steps": 117},
-        "batch 8": {"batch_size": 8, "model.decay": 0.99, "eval_every_steps": 1875},
+        "batch 8": {"batch_size": 8, "model.batch_norm.decay": 0.99, "eval_every_steps": 1875},
         "batch 8 renorm": {
             "batch_size": 8,
-            "model.decay": 0.99,
+            "model.batch_norm.decay": 0.99,
             "eval_every_steps": 1875,
             **renorm,
         },
-        "batch 4": {"batch_size": 4, "model.decay": 0.99, "eval_every_steps": 3750},
+        "batch 4": {"batch_size": 4, "model.batch_norm.decay": 0.99, "eval_every_steps": 3750},
         "batch 4 renorm": {
             "batch_size": 4,
-            "model.decay": 0.99,
+            "model.batch_norm.decay": 0.99,
             "eval_every_steps": 3750,
             **renorm,
         },
         "batch 512": {"batch_size": 512, "eval_every_steps": 39},
         "batch 512 ghost 32": {
             "batch_size": 512,
-            "model.virtual_batch_size": 32,
+            "model.batch_norm.virtual_batch_size": 32,
             "eval_every_steps": 39,
         },
     }

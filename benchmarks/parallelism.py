@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import pathlib
 import platform
 import subprocess
@@ -58,24 +57,24 @@ def build_variants(devices: int, batch: int) -> dict[str, tuple[Callable, dict, 
     from configs import default
     from train import models, xla_options
     from train import train as train_lib
-    from train.devices import DeviceLayout
+    from train.devices import OneDevice, Pmap, ShardedJit
 
     config = default.get_config()
     # The app's XLA options (train/devices.py's device_layout; pmap takes none).
     options = xla_options.compiler_options(config.cpu_convolutions, jax.default_backend())
-    layout = functools.partial(DeviceLayout, compiler_options=tuple(options.items()))
     rng = np.random.default_rng(0)
     host_batch = {
         "image": rng.standard_normal((batch, 28, 28, 1)).astype(np.float32),
         "label": (np.arange(batch) % 10).astype(np.int32),
     }
     local = tuple(jax.local_devices()[:devices])
+    compiler_options = tuple(options.items())
     layouts = {
-        "1 device": (layout(None, local[:1], 1, 0), True),
-        "sharding": (layout("sharding", local, 1, 0), True),
-        "pmap": (layout("pmap", local, 1, 0), True),
-        "sharding, per-device statistics": (layout("sharding", local, 1, 0), False),
-        "pmap, per-device statistics": (layout("pmap", local, 1, 0), False),
+        "1 device": (OneDevice(local[:1], 1, 0, compiler_options), True),
+        "sharding": (ShardedJit(local, 1, 0, compiler_options), True),
+        "pmap": (Pmap(local, 1, 0, compiler_options), True),
+        "sharding, per-device statistics": (ShardedJit(local, 1, 0, compiler_options), False),
+        "pmap, per-device statistics": (Pmap(local, 1, 0, compiler_options), False),
     }
     variants = {}
     for name, (layout, sync) in layouts.items():
@@ -84,7 +83,7 @@ def build_variants(devices: int, batch: int) -> dict[str, tuple[Callable, dict, 
         state = train_lib.create_train_state(
             jax.random.key(0), model, (28, 28, 1), optax.adam(1e-3)
         )
-        per_device = layout.parallelism == "sharding" and not sync
+        per_device = layout.statistics_rule(sync).per_device_step
         step = layout.compile(
             train_lib.train_step_averaging_statistics if per_device else train_lib.train_step,
             donate_state=True,

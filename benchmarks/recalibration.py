@@ -3,8 +3,8 @@
     nice -n 10 python benchmarks/recalibration.py [--epochs 5] [--batches 200]
         [--out runs/recalibration] [--results benchmarks/results/recalibration.md]
 
-Trains configs/default.py on Fashion-MNIST with `model.decay` 0.9 (the document's) and 0.999
-(TF1's default) for `--epochs` epochs, keeping every epoch's checkpoint, then recalibrates the
+Trains configs/default.py on Fashion-MNIST with `model.batch_norm.decay` 0.9 (the document's) and
+0.999 (TF1's default) for `--epochs` epochs, keeping every epoch's checkpoint, then recalibrates the
 checkpoints after epoch 1 and after the last epoch with `train.recalibrate` over `--batches`
 training batches, and writes a markdown table (decay, epochs, test accuracy with the moving
 averages, recalibrated) with the command, the CPU model and the date to `--results`.
@@ -51,7 +51,7 @@ def train_runs(epochs: int, out: pathlib.Path, overrides: dict) -> dict[float, p
         config = experiments.configured(
             "default",
             epochs,
-            **{"model.decay": decay, "checkpoint_max_to_keep": epochs + 1, **overrides},
+            **{"model.batch_norm.decay": decay, "checkpoint_max_to_keep": epochs + 1, **overrides},
         )
         workdir = out / f"decay={decay}"
         experiments.run(config, workdir)

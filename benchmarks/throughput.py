@@ -185,7 +185,9 @@ def torch_network(model_config, channels: int):
         layers += [
             torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True),
             torch.nn.BatchNorm2d(
-                out_channels, eps=model_config.epsilon, momentum=1 - model_config.decay
+                out_channels,
+                eps=model_config.batch_norm.epsilon,
+                momentum=1 - model_config.batch_norm.decay,
             ),
             torch.nn.ReLU(),
         ]

@@ -28,20 +28,28 @@ def get_config() -> ml_collections.ConfigDict:
     dataset.synthetic_num_classes = 10
     dataset.augment = False
 
-    # The network (train/models.py) and its batch norm (jbn.BatchNorm, TF1 argument names).
+    # The network (train/models.py).
     config.model = model = ml_collections.ConfigDict()
     model.features = (64, 64, 32, 16)  # the document's; the last conv has one filter per class
     model.use_batch_norm = True
-    model.decay = 0.9  # the document's choice (TF1 default 0.999)
-    model.epsilon = 1e-3
-    model.center = True  # TF1 batch_norm defaults: beta yes, gamma no (ReLU follows)
-    model.scale = False
-    model.zero_debias_moving_mean = False
-    model.renorm = False
-    model.renorm_decay = 0.99
-    model.renorm_rmax = config_dict.placeholder(float)  # None: r not clipped
-    model.renorm_dmax = config_dict.placeholder(float)  # None: d not clipped
-    model.virtual_batch_size = config_dict.placeholder(int)  # ghost batch size per device
+    # Arguments of every jbn.BatchNorm, under jbn's own (TF1) names and passed to it as they are;
+    # jbn checks them (jbn.layer.layer_options) and its errors name them.
+    model.batch_norm = batch_norm = ml_collections.ConfigDict()
+    batch_norm.decay = 0.9  # the document's choice (TF1 default 0.999)
+    batch_norm.epsilon = 1e-3
+    batch_norm.center = True  # TF1 batch_norm defaults: beta yes, gamma no (ReLU follows)
+    batch_norm.scale = False
+    batch_norm.zero_debias_moving_mean = False
+    batch_norm.renorm = False
+    batch_norm.renorm_decay = 0.99
+    # Bounds of batch renorm's r (rmin, rmax; the paper takes rmin = 1 / rmax) and |d| (dmax).
+    # A bound left None is not clipped; all None: no renorm_clipping argument.
+    batch_norm.renorm_clipping = ml_collections.ConfigDict()
+    batch_norm.renorm_clipping.rmax = config_dict.placeholder(float)
+    batch_norm.renorm_clipping.rmin = config_dict.placeholder(float)
+    batch_norm.renorm_clipping.dmax = config_dict.placeholder(float)
+    batch_norm.virtual_batch_size = config_dict.placeholder(int)  # ghost batch size per device
+    # The app's own batch norm settings (not jbn.BatchNorm arguments):
     model.batch_norm_l2 = 0.0  # L2 weight on beta/gamma, sown by jbn.BatchNorm, added to loss
     model.sync_batch_stats = True  # with several devices: statistics of the global batch
     model.relu_on_logits = True  # the document's ReLU after the last BN (non-negative logits)

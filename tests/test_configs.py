@@ -32,7 +32,7 @@ def test_default_is_the_documents_experiment():
     assert (config.dataset.name, config.dataset.source) == ("fashion_mnist", "auto")
     assert (config.optimizer.name, config.optimizer.learning_rate) == ("adam", 1e-3)
     assert config.batch_size == 128
-    assert (config.model.decay, config.model.epsilon) == (0.9, 1e-3)
+    assert (config.model.batch_norm.decay, config.model.batch_norm.epsilon) == (0.9, 1e-3)
     assert config.model.use_batch_norm and config.model.relu_on_logits
     assert tuple(config.model.features) == (64, 64, 32, 16)
     assert config.num_devices == 1

@@ -46,11 +46,11 @@ BATCH_SIZES = (1, 7)
 # the decay (its statistics differ from the moving ones), and a learned gamma.
 RENORM_ZERO_DEBIAS = {
     "model.features": (8, 8, 8, 8),
-    "model.decay": 0.95,
-    "model.scale": True,
-    "model.zero_debias_moving_mean": True,
-    "model.renorm": True,
-    "model.renorm_decay": 0.5,
+    "model.batch_norm.decay": 0.95,
+    "model.batch_norm.scale": True,
+    "model.batch_norm.zero_debias_moving_mean": True,
+    "model.batch_norm.renorm": True,
+    "model.batch_norm.renorm_decay": 0.5,
     "num_train_steps": 8,  # half an epoch: one checkpoint, at step 8, after an evaluation
 }
 
@@ -321,7 +321,7 @@ def random_batch_stats(batch_stats, rng):
 
 
 def test_flax_batch_norm_folds_too():
-    config = smoke_config(**{"model.batch_norm_impl": "flax", "model.scale": True})
+    config = smoke_config(**{"model.batch_norm_impl": "flax", "model.batch_norm.scale": True})
     model = models.create_model(config.model, NUM_CLASSES)
     x = jax.random.normal(jax.random.key(1), (3, *IMAGE_SHAPE))
     variables = model.init(jax.random.key(0), x, is_training=False)
@@ -404,6 +404,25 @@ def test_export_without_a_checkpoint_is_one_error_line(tmp_path, cache_dir):
     completed = run_module("train.export", "--workdir", str(tmp_path), cache_dir=cache_dir)
     assert_one_error_line(completed, "no trained run in", "python -m train --config")
     assert not (tmp_path / "checkpoints").exists()  # looking created nothing
+
+
+def test_a_run_saved_before_the_batch_norm_group_exports_the_same(exported_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(exported_run[0], workdir)
+    shutil.rmtree(workdir / "export")
+    for old in train_testing.rewrite_in_the_format_before_issue_22(workdir):
+        assert old["model"]["renorm_decay"] == 0.5 and "batch_norm" not in old["model"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export.main(["--workdir", str(workdir)]) == 0
+    # The same model from the same checkpoint: the same folding and test accuracy (the
+    # serialized bytes differ from export to export).
+    infos = [
+        json.loads((run / "export" / "model.json").read_text())
+        for run in (workdir, exported_run[0])
+    ]
+    for info in infos:  # all but where it came from
+        del info["model_sha256"], info["source"]["workdir"], info["source"]["checkpoint"]
+    assert infos[0] == infos[1]
 
 
 def test_export_of_a_corrupt_checkpoint_is_one_error_line(exported_run, tmp_path, cache_dir):

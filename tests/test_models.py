@@ -55,7 +55,8 @@ def count(tree) -> int:
 )
 def test_param_count_matches_the_document(image_shape, use_batch_norm, center, scale):
     config = default.get_config().model
-    config.use_batch_norm, config.center, config.scale = use_batch_norm, center, scale
+    config.use_batch_norm = use_batch_norm
+    config.batch_norm.center, config.batch_norm.scale = center, scale
     variables = init_shapes(models.create_model(config, num_classes=10), image_shape)
     expected = document_param_count(image_shape[-1], use_batch_norm, center, scale)
     assert count(variables["params"]) == expected
@@ -134,7 +135,7 @@ def test_relu_on_logits_switch_and_moving_mean(model_28_and_variables, images_28
 
     # One training step from init: moving_mean = (1 - decay) * batch mean of the conv output.
     conv1 = states[True]["intermediates"]["conv1"]["__call__"][0]
-    decay = default.get_config().model.decay
+    decay = default.get_config().model.batch_norm.decay
     np.testing.assert_allclose(
         states[True]["batch_stats"]["bn1"]["moving_mean"],
         (1 - decay) * conv1.mean(axis=(0, 1, 2)),
@@ -145,8 +146,12 @@ def test_relu_on_logits_switch_and_moving_mean(model_28_and_variables, images_28
 
 def test_batch_norm_gets_the_config():
     config = default.get_config().model
-    config.decay, config.epsilon, config.virtual_batch_size = 0.5, 0.01, 4
-    config.renorm, config.renorm_rmax, config.renorm_dmax = True, 3.0, 5.0
+    batch_norm = config.batch_norm
+    batch_norm.decay, batch_norm.epsilon, batch_norm.virtual_batch_size = 0.5, 0.01, 4
+    batch_norm.renorm = True
+    batch_norm.renorm_clipping.rmax = 3.0
+    batch_norm.renorm_clipping.rmin = 1 / 3.0
+    batch_norm.renorm_clipping.dmax = 5.0
     config.batch_norm_l2 = 0.1
     kwargs = models.batch_norm_kwargs(config)
     assert kwargs["decay"] == 0.5 and kwargs["epsilon"] == 0.01
@@ -165,7 +170,7 @@ def test_flax_batch_norm_network_matches_the_jbn_network():
     # The benchmarks' comparison network: same parameters, same training-mode outputs and
     # moving means (flax's one-pass variance is accurate on this well-centred data).
     config = default.get_config().model
-    config.scale = True
+    config.batch_norm.scale = True
     flax_config = config.copy_and_resolve_references()
     flax_config.batch_norm_impl = "flax"
     jbn_model = models.create_model(config, num_classes=10)
@@ -202,6 +207,6 @@ def test_unknown_batch_norm_impl_is_refused():
     with pytest.raises(ValueError, match="batch_norm_impl must be 'jbn' or 'flax'"):
         init(model, (28, 28, 1))
     config.batch_norm_impl = "flax"
-    config.renorm = True
+    config.batch_norm.renorm = True
     with pytest.raises(ValueError, match="does not support \\['renorm'\\]"):
         init(models.create_model(config, num_classes=10), (28, 28, 1))

@@ -20,7 +20,7 @@ import train_testing
 from configs import smoke
 from train import data, models
 from train import train as train_lib
-from train.devices import PARALLELISMS, DeviceLayout
+from train.devices import PARALLELISMS, OneDevice, Pmap, ShardedJit
 
 NUM_DEVICES = 4
 
@@ -57,9 +57,9 @@ def measure_on_four_devices() -> dict:
     dataset = data.load_dataset(config.dataset)
     batches = list(itertools.islice(data.train_batches(dataset, 128, seed=0, epoch=0), 3))
     devices = tuple(jax.local_devices())
-    one = DeviceLayout(None, devices[:1], 1, 0)
-    pmap = DeviceLayout("pmap", devices, 1, 0)
-    sharding = DeviceLayout("sharding", devices, 1, 0)
+    one = OneDevice(devices[:1], 1, 0)
+    pmap = Pmap(devices, 1, 0)
+    sharding = ShardedJit(devices, 1, 0)
 
     def three_steps(layout, sync_batch_stats):
         config.model.sync_batch_stats = sync_batch_stats
@@ -70,7 +70,7 @@ def measure_on_four_devices() -> dict:
         tx = train_lib.create_optimizer(config.optimizer, schedule)
         state = train_lib.create_train_state(jax.random.key(0), model, (16, 16, 3), tx)
         state = layout.replicate(state)
-        per_device = layout.parallelism == "sharding" and not sync_batch_stats
+        per_device = layout.statistics_rule(sync_batch_stats).per_device_step
         step = layout.compile(
             train_lib.train_step_averaging_statistics if per_device else train_lib.train_step,
             donate_state=False,

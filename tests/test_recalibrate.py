@@ -26,7 +26,7 @@ from train import train as train_lib
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
-OVERRIDES = {"model.features": (8, 8, 8, 8), "model.decay": 0.999, "num_train_steps": 32}
+OVERRIDES = {"model.features": (8, 8, 8, 8), "model.batch_norm.decay": 0.999, "num_train_steps": 32}
 BATCHES = 3
 
 

@@ -260,6 +260,32 @@ def test_incompatible_checkpoint_is_refused(stopped_run, override, field):
     assert field in str(error.value)
 
 
+@pytest.mark.parametrize("decay", [0.9, 0.5])
+def test_a_run_saved_before_the_batch_norm_group_resumes(stopped_run, decay):
+    """Checkpoints and config.json of the old config format are read in today's names."""
+    for old in train_testing.rewrite_in_the_format_before_issue_22(stopped_run):
+        assert "decay" in old["model"] and "batch_norm" not in old["model"]
+        old["model"]["decay"] = decay
+    if decay == 0.9:  # the smoke config's: the same run
+        result = train_lib.train_and_evaluate(smoke_config(), str(stopped_run))
+        assert result.summary["resumed_from_step"] == 2
+    else:  # the old field's difference is named in today's terms
+        named = r"model\.batch_norm\.decay: checkpoint 0\.5"
+        with pytest.raises(checkpoints.CheckpointError, match=named):
+            train_lib.train_and_evaluate(smoke_config(), str(stopped_run))
+
+
+def test_upgraded_renorm_bounds_act_as_before():
+    """The old renorm_rmax clipped r to [1 / rmax, rmax], and no bound acted without renorm."""
+    old_model = {"renorm": True, "renorm_rmax": 4.0, "renorm_dmax": 2.0, "decay": 0.9}
+    upgraded = checkpoints.upgrade_config({"model": old_model})["model"]["batch_norm"]
+    assert upgraded["renorm_clipping"] == {"rmax": 4.0, "rmin": 0.25, "dmax": 2.0}
+    assert upgraded["renorm"] and upgraded["decay"] == 0.9
+    old_model["renorm"] = False
+    upgraded = checkpoints.upgrade_config({"model": old_model})["model"]["batch_norm"]
+    assert upgraded["renorm_clipping"] == {"rmax": None, "rmin": None, "dmax": None}
+
+
 def test_run_control_fields_may_change_on_resume(stopped_run):
     config = smoke_config(eval_batch_size=40, log_every_steps=5, num_epochs=1)
     result = train_lib.train_and_evaluate(config, str(stopped_run))
@@ -359,9 +385,14 @@ def test_learning_rate_schedules():
     assert [float(cosine(s)) for s in (20, 60, 100)] == pytest.approx([1e-3, 5e-4, 0], abs=1e-9)
 
 
+def clipping(**bounds: float) -> dict[str, float]:
+    """Overrides of model.batch_norm.renorm_clipping's bounds."""
+    return {f"model.batch_norm.renorm_clipping.{key}": bound for key, bound in bounds.items()}
+
+
 def fake_layout(num_devices: int) -> devices.DeviceLayout:
     device = jax.devices()[0]  # only counted
-    return devices.DeviceLayout("sharding", (device,) * num_devices, 1, 0)
+    return devices.ShardedJit((device,) * num_devices, 1, 0)
 
 
 @pytest.mark.parametrize(
@@ -369,13 +400,19 @@ def fake_layout(num_devices: int) -> devices.DeviceLayout:
     [
         ({"batch_size": 30}, "batch_size=30 is not divisible by the 4 devices"),
         ({"eval_batch_size": 66}, "eval_batch_size=66 is not divisible by the 4 devices"),
-        ({"model.virtual_batch_size": 5}, "virtual_batch_size=5 must divide"),
+        ({"model.batch_norm.virtual_batch_size": 5}, "virtual_batch_size=5 must divide"),
         ({"optimizer.name": "lamb"}, "optimizer.name must be one of"),
         ({"optimizer.weight_decay": 0.1}, "weight_decay needs optimizer.name='adamw'"),
-        ({"model.decay": 1.0}, r"model.decay must be in \[0, 1\)"),
-        ({"model.epsilon": 0.0}, "model.epsilon must be positive"),
-        ({"model.renorm": True, "model.renorm_rmax": 0.5}, r"1 / model.renorm_rmax \(2.0\)"),
-        ({"model.renorm": True, "model.renorm_rmax": 0.0}, r"1 / model.renorm_rmax \(inf\)"),
+        ({"model.batch_norm.decay": 1.0}, r"model.batch_norm: decay must be in \[0, 1\)"),
+        ({"model.batch_norm.epsilon": 0.0}, "model.batch_norm: epsilon must be positive"),
+        (
+            {"model.batch_norm.renorm": True, **clipping(rmax=0.5, rmin=2.0)},
+            r"model.batch_norm: renorm_clipping\['rmin'\] \(2.0\)",
+        ),
+        (
+            {"model.batch_norm.renorm": True, **clipping(rmax=0.0, rmin=float("inf"))},
+            r"model.batch_norm: renorm_clipping\['rmin'\] \(inf\)",
+        ),
         ({"num_epochs": 0}, "num_epochs must be >= 1"),
         ({"eval_every_steps": -1}, "eval_every_steps must be >= 0"),
         ({"steps_per_dispatch": 0}, "steps_per_dispatch must be >= 1"),

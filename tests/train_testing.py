@@ -11,6 +11,7 @@ Two settings keep training tests fast on a small CPU without changing what they 
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import subprocess
@@ -110,3 +111,25 @@ def workdir_held_elsewhere(workdir: pathlib.Path) -> Iterator[subprocess.Popen]:
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+def rewrite_in_the_format_before_issue_22(workdir: pathlib.Path) -> Iterator[dict]:
+    """Rewrites a run's saved configs (config.json, each checkpoint's) as the app wrote them
+    before model.batch_norm: jbn's arguments as `model` fields, renorm_rmax/renorm_dmax for the
+    clipping bounds (rmin implied as 1 / renorm_rmax). Yields each old config before it is
+    written, so that the caller may edit it."""
+    saved = [workdir / "config.json"] + [
+        path
+        for path in sorted((workdir / "checkpoints").rglob("*"))
+        if path.is_file()
+        and path.read_bytes().startswith(b'{"')
+        and b'"model"' in path.read_bytes()
+    ]
+    assert len(saved) >= 2, saved  # config.json and at least one checkpoint's
+    for path in saved:
+        old = json.loads(path.read_text())
+        batch_norm = old["model"].pop("batch_norm")
+        clipping = batch_norm.pop("renorm_clipping")
+        old["model"].update(batch_norm, renorm_rmax=clipping["rmax"], renorm_dmax=clipping["dmax"])
+        yield old
+        path.write_text(json.dumps(old))

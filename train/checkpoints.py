@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -61,6 +62,29 @@ RUN_CONTROL_FIELDS = frozenset(
         "dataset.tfds_download",
     }
 )
+
+
+# Config fields renamed since runs were first saved: old dotted name -> today's. `upgrade_config`
+# reads a saved config (config.json, a checkpoint's) in today's names, so older runs still resume
+# and export.
+RENAMED_FIELDS = {
+    # jbn.BatchNorm's arguments moved into model.batch_norm under jbn's names (issue 22).
+    **{
+        f"model.{name}": f"model.batch_norm.{name}"
+        for name in (
+            "decay",
+            "epsilon",
+            "center",
+            "scale",
+            "zero_debias_moving_mean",
+            "renorm",
+            "renorm_decay",
+            "virtual_batch_size",
+        )
+    },
+    "model.renorm_rmax": "model.batch_norm.renorm_clipping.rmax",
+    "model.renorm_dmax": "model.batch_norm.renorm_clipping.dmax",
+}
 
 
 class CheckpointError(Exception):
@@ -147,6 +171,43 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved JSON config with the fields of RENAMED_FIELDS under today's names.
+
+    Before `model.batch_norm.renorm_clipping`, the app clipped r below at 1 / `renorm_rmax`
+    (the paper's rmin) and used the bounds only with `renorm=True`: the upgrade writes the
+    bounds as they acted (none without renorm), so the run trains on exactly as before.
+    """
+    flat = _flatten(saved)
+    if not RENAMED_FIELDS.keys() & flat.keys():
+        return dict(saved)
+    renorm = flat.get("model.renorm", False)
+    for old, new in RENAMED_FIELDS.items():
+        if old in flat:
+            flat[new] = flat.pop(old)
+    clipping = "model.batch_norm.renorm_clipping."
+    if not renorm:
+        flat[f"{clipping}rmax"] = flat[f"{clipping}dmax"] = None
+    rmax = flat.get(f"{clipping}rmax")
+    # rmax = 0 never trained (the config check refused its rmin = inf).
+    flat[f"{clipping}rmin"] = None if rmax is None else 1.0 / rmax if rmax else math.inf
+    flat.setdefault(f"{clipping}rmax", None)
+    flat.setdefault(f"{clipping}dmax", None)
+    return _unflatten(flat)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dicts of `_flatten`'s dotted names."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *groups, key = name.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[key] = value
+    return tree
 
 
 def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -332,7 +393,7 @@ class Checkpointer:
         saved_config = self._read(step, config=ocp.args.JsonRestore()).config
         if not isinstance(saved_config, Mapping):
             raise CorruptCheckpointError(f"checkpoint {location} has no saved config")
-        mismatches = config_mismatches(saved_config, config_to_json(config))
+        mismatches = config_mismatches(upgrade_config(saved_config), config_to_json(config))
         if mismatches:
             raise CheckpointError(
                 f"checkpoint {location} was written with a different config; use another "

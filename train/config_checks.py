@@ -1,25 +1,32 @@
 """The checks of a training config, run before any data is loaded; errors name the field.
 
 Each value is checked in one place: the batch norm arguments by jbn itself (through
-`models.check_batch_norm_config`, which builds them as the model does), the device layout by
-`devices.device_layout`, a batch size against the dataset by `data.steps_per_epoch`,
-and everything else here.
+`models.check_batch_norm_config`: `jbn.layer.layer_options` on the arguments the model passes),
+the device layout by `devices.device_layout`, a batch size against the dataset by
+`data.steps_per_epoch`, and everything else here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import ml_collections
 
 from train import models
 
-if TYPE_CHECKING:
-    from train.devices import DeviceLayout
-
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Devices(Protocol):
+    """What the checks need of a `devices.DeviceLayout` (which imports this module)."""
+
+    local_devices: tuple[Any, ...]
+    num_processes: int
+
+    @property
+    def num_devices(self) -> int: ...
 
 
 class ConfigError(Exception):
@@ -31,7 +38,7 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_config(config: ml_collections.ConfigDict, layout: DeviceLayout) -> None:
+def check_config(config: ml_collections.ConfigDict, layout: _Devices) -> None:
     """Raises ConfigError for values that cannot work (before any data is loaded)."""
     devices = layout.num_devices
     for field in ("batch_size", "eval_batch_size"):
@@ -91,8 +98,9 @@ def _check_model(model: ml_collections.ConfigDict, per_device_batch: int) -> Non
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
     # Only the app knows the per-device batch before tracing; jbn checks the batch it is given.
-    ghost = model.virtual_batch_size
+    ghost = model.batch_norm.virtual_batch_size
     _require(
         ghost is None or per_device_batch % ghost == 0,
-        f"model.virtual_batch_size={ghost} must divide the per-device batch {per_device_batch}",
+        f"model.batch_norm.virtual_batch_size={ghost} must divide the per-device batch "
+        f"{per_device_batch}",
     )

@@ -1,10 +1,12 @@
-"""Device layouts of a run: one device, or data parallelism by sharding or by pmap.
+"""Device layouts of a run: one device, or data parallelism by a sharded jit or by pmap.
 
-`device_layout(config)` picks the layout `config.num_devices` and `config.parallelism` ask for;
-a `DeviceLayout` lays host batches and state out for its devices and compiles the steps of
-`train/train.py` for them, with the XLA options of `config.cpu_convolutions`
-(`train/xla_options.py`). The multi-process setup those devices may come from is in
-`train/distributed.py`.
+`device_layout(config)` picks the layout `config.num_devices` and `config.parallelism` ask for.
+Each layout is a small type behind one interface (`DeviceLayout`): `shard` lays a host batch out
+for its devices, `replicate` copies state to them, `local_copy` takes one replica back, and
+`compile` compiles the steps of `train/train.py` for them, with the XLA options of
+`config.cpu_convolutions` (`train/xla_options.py`). `LocalStatistics` says how each layout
+trains with per-device batch statistics (`model.sync_batch_stats=False`). The multi-process
+setup those devices may come from is in `train/distributed.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,35 +31,42 @@ from train.config_checks import ConfigError
 # and synchronize batch statistics over it.
 AXIS_NAME = "batch"
 
-# config.parallelism: how a run with more than one device spreads the work.
-PARALLELISMS = ("sharding", "pmap")
+
+class LocalStatistics(NamedTuple):
+    """How a layout trains with per-device batch statistics (`model.sync_batch_stats=False`).
+
+    per_device_step: the train step runs on each device's shard (shard_map) and averages the
+      moving statistics every step, so the state stays one replicated copy.
+    average_for_one_copy: each device keeps its own moving statistics; they are averaged
+      whenever one copy is needed (evaluation, checkpoint), as in flax's examples/imagenet.
+    """
+
+    per_device_step: bool
+    average_for_one_copy: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceLayout:
-    """How batches and state are spread over devices.
+    """How batches and state are spread over devices; one subclass per layout.
 
-    parallelism=None: one device, `jit`, host batches used as they are.
-
-    'sharding' (the default with several devices): one `jax.jit` over a `Mesh` of the devices
-    of all `num_processes` processes (axis AXIS_NAME), the state replicated, the global batch
-    sharded along its leading axis. Each process contributes its slice of every global batch
-    (`jax.make_array_from_process_local_data`). XLA inserts the collectives: gradients, metrics
-    and batch statistics are those of the global batch with `axis_name=None` in the model.
-    Per-device batch statistics need explicit collectives, so that step runs under
-    `jax.shard_map` (`compile(..., per_device=True)`).
-
-    'pmap': `pmap` over `local_devices` of each process; each process reshapes its slice of the
-    global batch to (local devices, per-device batch, ...), and the model and steps reduce over
-    the pmap axis AXIS_NAME explicitly.
+    Attributes:
+      local_devices: the devices of this process the run uses.
+      num_processes: processes of the job (each with its `local_devices`).
+      process_index: this process's index.
+      compiler_options: (name, value) pairs for `jax.jit(compiler_options=)`
+        (xla_options.compiler_options); pmap takes none.
     """
 
-    parallelism: str | None
+    # config.parallelism's value for this layout (None: one device).
+    parallelism: ClassVar[str | None]
+    # The axis name the model's batch norm reduces over: only pmap names one.
+    model_axis_name: ClassVar[str | None] = None
+    # With model.sync_batch_stats=False (one device: nothing to do).
+    local_statistics: ClassVar[LocalStatistics] = LocalStatistics(False, False)
+
     local_devices: tuple[jax.Device, ...]
     num_processes: int
     process_index: int
-    # (name, value) pairs for `jax.jit(compiler_options=)` (xla_options.compiler_options);
-    # pmap takes none.
     compiler_options: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -72,35 +81,9 @@ class DeviceLayout:
     def is_primary(self) -> bool:
         return self.process_index == 0
 
-    @property
-    def model_axis_name(self) -> str | None:
-        """The axis name the model's batch norm reduces over: only pmap names one."""
-        return AXIS_NAME if self.parallelism == "pmap" else None
-
-    @functools.cached_property
-    def mesh(self) -> Mesh:
-        """The 'sharding' layout's mesh: every device of every process, one axis AXIS_NAME.
-
-        Auto axes: the step's in/out shardings are given and XLA's sharding propagation
-        partitions everything in between (tests/multidevice checks jbn on Auto and Explicit
-        meshes alike).
-        """
-        devices = jax.devices() if self.num_processes > 1 else self.local_devices
-        return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
-
-    @property
-    def _replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
-    def _batch_spec(self, stacked: bool) -> P:
-        """The batch axis sharded: the leading one, or the second of a stack of batches."""
-        return P(None, AXIS_NAME) if stacked else P(AXIS_NAME)
-
-    def _process_slice(self, x: np.ndarray, axis: int) -> np.ndarray:
-        """This process's contiguous share of a global batch whose examples run along `axis`."""
-        per_process = x.shape[axis] // self.num_processes
-        start = self.process_index * per_process
-        return x[(slice(None),) * axis + (slice(start, start + per_process),)]
+    def statistics_rule(self, sync_batch_stats: bool) -> LocalStatistics:
+        """How the train step treats batch statistics; synchronized ones need nothing more."""
+        return LocalStatistics(False, False) if sync_batch_stats else self.local_statistics
 
     def shard(self, batch: Mapping[str, np.ndarray], stacked: bool = False) -> dict[str, Any]:
         """A global host batch (the same in every process) laid out for the compiled steps.
@@ -108,53 +91,15 @@ class DeviceLayout:
         With `stacked`, every array holds several batches along a leading axis (the input of
         `compile(..., stacked=True)`); each batch is split over the devices as a single one is.
         """
-        if self.parallelism is None:
-            return dict(batch)
-        batch_axis = 1 if stacked else 0
-        if self.parallelism == "sharding":
-            sharding = NamedSharding(self.mesh, self._batch_spec(stacked))
-            return {
-                name: jax.make_array_from_process_local_data(
-                    sharding, self._process_slice(np.asarray(x), batch_axis), np.shape(x)
-                )
-                for name, x in batch.items()
-            }
-        local_count = len(self.local_devices)
-
-        def local_shards(x: np.ndarray) -> np.ndarray:
-            x = self._process_slice(x, batch_axis)
-            per_device = x.shape[batch_axis] // local_count
-            x = x.reshape(
-                (*x.shape[:batch_axis], local_count, per_device, *x.shape[batch_axis + 1 :])
-            )
-            return np.moveaxis(x, batch_axis, 0)  # pmap maps over the leading axis
-
-        return {name: local_shards(np.asarray(x)) for name, x in batch.items()}
+        raise NotImplementedError
 
     def replicate(self, tree: Any) -> Any:
         """A host pytree (the same in every process) copied to every device."""
-        if self.parallelism is None:
-            return tree
-        if self.parallelism == "sharding":
-            sharding = self._replicated
-        else:  # pmap: a leading axis of one copy per local device, as flax.jax_utils.replicate
-            local_count = len(self.local_devices)
-            tree = jax.tree.map(lambda x: np.broadcast_to(x, (local_count, *np.shape(x))), tree)
-            sharding = NamedSharding(Mesh(np.asarray(self.local_devices), ("local",)), P("local"))
-
-        def put(x: Any) -> jax.Array:
-            x = np.asarray(x)  # works in every process, for devices it cannot address too
-            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-        return jax.tree.map(put, tree)
+        raise NotImplementedError
 
     def local_copy(self, tree: Any) -> Any:
         """One replica of a replicated pytree, on a device of this process (no host copy)."""
-        if self.parallelism == "pmap":
-            return jax.tree.map(lambda x: x[0], tree)
-        if self.parallelism == "sharding":
-            return jax.tree.map(lambda x: x.addressable_data(0), tree)
-        return tree
+        raise NotImplementedError
 
     def unreplicate(self, tree: Any) -> Any:
         """One host copy (of the first local device's replica)."""
@@ -169,24 +114,123 @@ class DeviceLayout:
     ) -> Callable[..., Any]:
         """Compiles a `step(state, batch, axis_name=)` function for this layout.
 
-        One device: `jit`. pmap: `pmap` with `axis_name=AXIS_NAME`. Sharding: `jit` with the
-        state replicated and the batch sharded, in and out; `step` sees the global batch with
-        `axis_name=None`, or, with `per_device`, runs on each device's shard under shard_map
-        with `axis_name=AXIS_NAME` (and must make its outputs equal on all devices). Both `jit`s
-        take the layout's `compiler_options`. With `stacked`, `batch` is a stack of batches
+        `donate_state` donates the state's buffers; `per_device` (sharded jit only) runs `step`
+        on each device's shard; with `stacked`, `batch` is a stack of batches
         (`shard(..., stacked=True)`), split over the devices along its second axis.
         """
+        raise NotImplementedError
+
+    def any_process(self, flag: bool) -> bool:
+        """True if `flag` is True in any process (all processes must call this together)."""
+        if self.num_processes == 1:
+            return flag
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+    def _process_slice(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """This process's contiguous share of a global batch whose examples run along `axis`."""
+        per_process = x.shape[axis] // self.num_processes
+        start = self.process_index * per_process
+        return x[(slice(None),) * axis + (slice(start, start + per_process),)]
+
+
+def _put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Host arrays placed with `sharding`, from every process, for devices it cannot address too."""
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneDevice(DeviceLayout):
+    """One device: `jit`, host batches and state used as they are."""
+
+    parallelism: ClassVar[str | None] = None
+
+    def shard(self, batch: Mapping[str, np.ndarray], stacked: bool = False) -> dict[str, Any]:
+        return dict(batch)
+
+    def replicate(self, tree: Any) -> Any:
+        return tree
+
+    def local_copy(self, tree: Any) -> Any:
+        return tree
+
+    def compile(
+        self,
+        step: Callable[..., Any],
+        donate_state: bool,
+        per_device: bool = False,
+        stacked: bool = False,
+    ) -> Callable[..., Any]:
         donate = (0,) if donate_state else ()
-        options = dict(self.compiler_options)
-        if self.parallelism is None:
-            return jax.jit(step, donate_argnums=donate, compiler_options=options)
-        if self.parallelism == "pmap":
-            return jax.pmap(
-                functools.partial(step, axis_name=AXIS_NAME),
-                axis_name=AXIS_NAME,
-                devices=self.local_devices if self.num_processes == 1 else None,
-                donate_argnums=donate,
+        return jax.jit(step, donate_argnums=donate, compiler_options=dict(self.compiler_options))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedJit(DeviceLayout):
+    """config.parallelism='sharding' (the default with several devices).
+
+    One `jax.jit` over a `Mesh` of the devices of all `num_processes` processes (axis
+    AXIS_NAME), the state replicated, the global batch sharded along its leading axis. Each
+    process contributes its slice of every global batch (`jax.make_array_from_process_local_data`).
+    XLA inserts the collectives: gradients, metrics and batch statistics are those of the global
+    batch with `axis_name=None` in the model. Per-device batch statistics need explicit
+    collectives, so that step runs under `jax.shard_map` (`compile(..., per_device=True)`) and
+    averages the moving statistics every step.
+    """
+
+    parallelism: ClassVar[str | None] = "sharding"
+    local_statistics: ClassVar[LocalStatistics] = LocalStatistics(
+        per_device_step=True, average_for_one_copy=False
+    )
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """Every device of every process, one axis AXIS_NAME.
+
+        Auto axes: the step's in/out shardings are given and XLA's sharding propagation
+        partitions everything in between (tests/multidevice checks jbn on Auto and Explicit
+        meshes alike).
+        """
+        devices = jax.devices() if self.num_processes > 1 else self.local_devices
+        return Mesh(np.asarray(devices), (AXIS_NAME,), axis_types=(AxisType.Auto,))
+
+    def _batch_spec(self, stacked: bool) -> P:
+        """The batch axis sharded: the leading one, or the second of a stack of batches."""
+        return P(None, AXIS_NAME) if stacked else P(AXIS_NAME)
+
+    def shard(self, batch: Mapping[str, np.ndarray], stacked: bool = False) -> dict[str, Any]:
+        sharding = NamedSharding(self.mesh, self._batch_spec(stacked))
+        batch_axis = 1 if stacked else 0
+        return {
+            name: jax.make_array_from_process_local_data(
+                sharding, self._process_slice(np.asarray(x), batch_axis), np.shape(x)
             )
+            for name, x in batch.items()
+        }
+
+    def replicate(self, tree: Any) -> Any:
+        return _put(tree, NamedSharding(self.mesh, P()))
+
+    def local_copy(self, tree: Any) -> Any:
+        return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+    def compile(
+        self,
+        step: Callable[..., Any],
+        donate_state: bool,
+        per_device: bool = False,
+        stacked: bool = False,
+    ) -> Callable[..., Any]:
+        """`jit` with the state replicated and the batch sharded, in and out.
+
+        `step` sees the global batch with `axis_name=None`, or, with `per_device`, runs on each
+        device's shard under shard_map with `axis_name=AXIS_NAME` (and must make its outputs
+        equal on all devices).
+        """
         if per_device:
             # check_vma=False: the step is written as for pmap (its gradients are local and it
             # pmeans them itself). With the check, JAX would already sum the gradient of the
@@ -198,19 +242,74 @@ class DeviceLayout:
                 out_specs=P(),
                 check_vma=False,
             )
+        replicated = NamedSharding(self.mesh, P())
         return jax.jit(
             step,
-            in_shardings=(self._replicated, NamedSharding(self.mesh, self._batch_spec(stacked))),
-            out_shardings=self._replicated,
-            donate_argnums=donate,
-            compiler_options=options,
+            in_shardings=(replicated, NamedSharding(self.mesh, self._batch_spec(stacked))),
+            out_shardings=replicated,
+            donate_argnums=(0,) if donate_state else (),
+            compiler_options=dict(self.compiler_options),
         )
 
-    def any_process(self, flag: bool) -> bool:
-        """True if `flag` is True in any process (all processes must call this together)."""
-        if self.num_processes == 1:
-            return flag
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+@dataclasses.dataclass(frozen=True)
+class Pmap(DeviceLayout):
+    """config.parallelism='pmap': `pmap` over `local_devices` of each process.
+
+    Each process reshapes its slice of the global batch to (local devices, per-device batch,
+    ...), and the model and steps reduce over the pmap axis AXIS_NAME explicitly. Replicated
+    state carries a leading axis of one copy per local device, as flax.jax_utils.replicate's.
+    """
+
+    parallelism: ClassVar[str | None] = "pmap"
+    model_axis_name: ClassVar[str | None] = AXIS_NAME
+    local_statistics: ClassVar[LocalStatistics] = LocalStatistics(
+        per_device_step=False, average_for_one_copy=True
+    )
+
+    def shard(self, batch: Mapping[str, np.ndarray], stacked: bool = False) -> dict[str, Any]:
+        batch_axis = 1 if stacked else 0
+        local_count = len(self.local_devices)
+
+        def local_shards(x: np.ndarray) -> np.ndarray:
+            x = self._process_slice(x, batch_axis)
+            per_device = x.shape[batch_axis] // local_count
+            x = x.reshape(
+                (*x.shape[:batch_axis], local_count, per_device, *x.shape[batch_axis + 1 :])
+            )
+            return np.moveaxis(x, batch_axis, 0)  # pmap maps over the leading axis
+
+        return {name: local_shards(np.asarray(x)) for name, x in batch.items()}
+
+    def replicate(self, tree: Any) -> Any:
+        local_count = len(self.local_devices)
+        tree = jax.tree.map(lambda x: np.broadcast_to(x, (local_count, *np.shape(x))), tree)
+        return _put(
+            tree, NamedSharding(Mesh(np.asarray(self.local_devices), ("local",)), P("local"))
+        )
+
+    def local_copy(self, tree: Any) -> Any:
+        return jax.tree.map(lambda x: x[0], tree)
+
+    def compile(
+        self,
+        step: Callable[..., Any],
+        donate_state: bool,
+        per_device: bool = False,
+        stacked: bool = False,
+    ) -> Callable[..., Any]:
+        """`pmap` with `axis_name=AXIS_NAME`; every step already runs per device."""
+        return jax.pmap(
+            functools.partial(step, axis_name=AXIS_NAME),
+            axis_name=AXIS_NAME,
+            devices=self.local_devices if self.num_processes == 1 else None,
+            donate_argnums=(0,) if donate_state else (),
+        )
+
+
+# config.parallelism -> the layout of a run with more than one device.
+LAYOUTS: dict[str, type[DeviceLayout]] = {"sharding": ShardedJit, "pmap": Pmap}
+PARALLELISMS = tuple(LAYOUTS)
 
 
 def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
@@ -241,8 +340,8 @@ def device_layout(config: ml_collections.ConfigDict) -> DeviceLayout:
         options = xla_options.compiler_options(config.cpu_convolutions, available[0].platform)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return DeviceLayout(
-        parallelism=parallelism if count > 1 or num_processes > 1 else None,
+    layout = LAYOUTS[parallelism] if count > 1 or num_processes > 1 else OneDevice
+    return layout(
         local_devices=tuple(available[:count]),
         num_processes=num_processes,
         process_index=jax.process_index(),

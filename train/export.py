@@ -236,7 +236,7 @@ def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
         )
     try:
         with open(config_path) as file:
-            config = ml_collections.ConfigDict(json.load(file))
+            config = ml_collections.ConfigDict(checkpoints.upgrade_config(json.load(file)))
     except (OSError, ValueError) as error:
         raise ExportError(f"cannot read {config_path}: {error}") from None
     checkpointer = checkpoints.Checkpointer(checkpoint_dir)

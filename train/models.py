@@ -16,7 +16,8 @@ sees a 2x2 map and yields one value per channel.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,9 +43,9 @@ class ConvNet(nn.Module):
       num_classes: filters of the last convolution, i.e. number of logits.
       features: filters of the convolutions before the last one (each followed by a max pool).
       use_batch_norm: False gives the baseline conv(+bias) -> ReLU network.
-      batch_norm_kwargs: keyword arguments for every `jbn.BatchNorm` (TF1 names: decay, center,
-        scale, epsilon, ...). `axis_name` is set separately so that it can follow the device
-        layout rather than the config.
+      batch_norm_kwargs: keyword arguments for every `jbn.BatchNorm` (`batch_norm_kwargs`:
+        config.model.batch_norm, under jbn's own names). `axis_name` is set separately so that
+        it can follow the device layout rather than the config.
       axis_name: pmap axis over which batch statistics are synchronized (None: per device).
       relu_on_logits: the document applies BN + ReLU to the last convolution too, which makes
         every logit non-negative; False leaves the last layer linear (conv -> BN -> avg pool).
@@ -135,82 +136,42 @@ def _l2_regularizer(weight: float) -> Callable[[jax.Array], jax.Array]:
 
 
 def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """jbn.BatchNorm keyword arguments from the `model` sub-config."""
-    kwargs: dict[str, Any] = dict(
-        decay=model_config.decay,
-        center=model_config.center,
-        scale=model_config.scale,
-        epsilon=model_config.epsilon,
-        zero_debias_moving_mean=model_config.zero_debias_moving_mean,
-        renorm=model_config.renorm,
-        renorm_decay=model_config.renorm_decay,
-        virtual_batch_size=model_config.virtual_batch_size,
-    )
-    if model_config.renorm:
-        rmax, dmax = model_config.renorm_rmax, model_config.renorm_dmax
-        clipping = {}
-        if rmax is not None:
-            clipping.update(rmax=rmax, rmin=_reciprocal(rmax))
-        if dmax is not None:
-            clipping.update(dmax=dmax)
-        kwargs["renorm_clipping"] = clipping or None
+    """jbn.BatchNorm keyword arguments from the `model` sub-config.
+
+    `model.batch_norm` holds jbn's own arguments and passes through as it is, except that
+    `renorm_clipping` without any bound is no argument (None); `model.batch_norm_l2` > 0 adds
+    L2 `param_regularizers` on beta and gamma.
+    """
+    kwargs = model_config.batch_norm.to_dict()
+    clipping = {key: bound for key, bound in kwargs["renorm_clipping"].items() if bound is not None}
+    kwargs["renorm_clipping"] = clipping or None
     if model_config.batch_norm_l2 > 0:
         regularizer = _l2_regularizer(model_config.batch_norm_l2)
         kwargs["param_regularizers"] = {"beta": regularizer, "gamma": regularizer}
     return kwargs
 
 
-def _reciprocal(rmax: Any) -> Any:
-    """The paper's rmin = 1 / rmax; None for a non-number, which jbn then refuses by its name."""
-    if isinstance(rmax, bool) or not isinstance(rmax, (int, float)):
-        return None
-    return 1.0 / rmax if rmax != 0 else math.inf
-
-
-# The `model` config fields that `batch_norm_kwargs` passes to jbn.BatchNorm under their own name.
-_SAME_NAME_FIELDS = (
-    "decay",
-    "center",
-    "scale",
-    "epsilon",
-    "zero_debias_moving_mean",
-    "renorm",
-    "renorm_decay",
-    "virtual_batch_size",
-)
-# The config fields behind the renorm clipping bounds, as jbn's messages name the bounds.
-_CLIPPING_FIELDS = {
-    "renorm_clipping['rmax']": "model.renorm_rmax",
-    "renorm_clipping['rmin']": "1 / model.renorm_rmax",
-    "renorm_clipping['dmax']": "model.renorm_dmax",
+# jbn.BatchNorm's defaults of the arguments `jbn.layer.layer_options` checks, for those the
+# config does not set.
+_LAYER_DEFAULTS = {
+    field.name: field.default
+    for field in dataclasses.fields(jbn.BatchNorm)
+    if field.name in inspect.signature(jbn.layer.layer_options).parameters
+    and field.default is not dataclasses.MISSING
 }
 
 
 def check_batch_norm_config(model_config: ml_collections.ConfigDict) -> None:
-    """Lets jbn check the batch norm arguments the `model` sub-config gives.
+    """Lets jbn check the batch norm arguments of the `model` sub-config, building no layer.
 
     Raises:
-      ValueError, TypeError: jbn's error, naming the config fields instead of jbn's arguments
-        ('decay must be in [0, 1)' becomes 'model.decay must be in [0, 1)').
+      ValueError, TypeError: jbn's own error, prefixed with the config group that holds the
+        argument ('model.batch_norm: decay must be in [0, 1), got 1.0.').
     """
     try:
-        jbn.BatchNorm(**batch_norm_kwargs(model_config))
+        jbn.layer.layer_options(**{**_LAYER_DEFAULTS, **batch_norm_kwargs(model_config)})
     except (TypeError, ValueError) as error:
-        raise type(error)(_in_config_terms(str(error))) from None
-
-
-def _in_config_terms(message: str) -> str:
-    """jbn's error message about its arguments, naming the `model` config fields instead."""
-    for bound, field in _CLIPPING_FIELDS.items():
-        message = message.replace(bound, field)
-    if message.startswith(("model.", "1 / model.")):
-        return message
-    # Longest first: 'renorm_decay' before its prefix 'renorm'. Only the leading name is the
-    # argument's: 'decay' later in a message may be a plain word.
-    for name in sorted(_SAME_NAME_FIELDS, key=len, reverse=True):
-        if message.startswith(name):
-            return f"model.{message}"
-    return f"model: {message}"
+        raise type(error)(f"model.batch_norm: {error}") from None
 
 
 def create_model(

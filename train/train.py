@@ -365,7 +365,8 @@ class Run(NamedTuple):
     # compiled scanned(train_step)(state, stacked batches), or None (steps_per_dispatch == 1)
     train_steps_fn: Callable[..., Any] | None
     eval_fn: Callable[..., Any]  # compiled eval_step(state, batch)
-    one_copy: Callable[[TrainState], TrainState]  # averages per-device statistics, if any
+    # The state with the devices' own moving statistics averaged (if the layout keeps them)
+    average_statistics: Callable[[TrainState], TrainState]
     started: float  # time.perf_counter() when setup began
 
 
@@ -409,7 +410,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         metrics.write_json(checkpoints.config_to_json(config), os.path.join(workdir, "config.json"))
         if resumed_from is not None:
             print(f"Resuming from {checkpointer.directory}/{resumed_from} (step {start_step}).")
-    train_fn, train_steps_fn, one_copy = _compile_training(config, layout)
+    train_fn, train_steps_fn, average_statistics = _compile_training(config, layout)
     return Run(
         config=config,
         workdir=workdir,
@@ -432,7 +433,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         train_fn=train_fn,
         train_steps_fn=train_steps_fn,
         eval_fn=layout.compile(eval_step, donate_state=False),
-        one_copy=one_copy,
+        average_statistics=average_statistics,
         started=started,
     )
 
@@ -441,20 +442,18 @@ def _compile_training(
     config: ml_collections.ConfigDict, layout: devices.DeviceLayout
 ) -> tuple[Callable[..., Any], Callable[..., Any] | None, Callable[[TrainState], TrainState]]:
     """The compiled train step, the compiled multi-step program (None for one step per
-    dispatch), and what makes one copy of the state out of the devices' own."""
-    per_device_statistics = layout.parallel and not config.model.sync_batch_stats
-    per_device = per_device_statistics and layout.parallelism == "sharding"
-    step_fn = train_step_averaging_statistics if per_device else train_step
-    train_fn = layout.compile(step_fn, donate_state=True, per_device=per_device)
+    dispatch), and what makes one copy of the state out of the devices' own (the layout's
+    `LocalStatistics` rule for `model.sync_batch_stats`)."""
+    rule = layout.statistics_rule(config.model.sync_batch_stats)
+    step_fn = train_step_averaging_statistics if rule.per_device_step else train_step
+    train_fn = layout.compile(step_fn, donate_state=True, per_device=rule.per_device_step)
     train_steps_fn = None
     if config.steps_per_dispatch > 1:
         train_steps_fn = layout.compile(
-            scanned(step_fn), donate_state=True, per_device=per_device, stacked=True
+            scanned(step_fn), donate_state=True, per_device=rule.per_device_step, stacked=True
         )
-    if not (per_device_statistics and layout.parallelism == "pmap"):
+    if not rule.average_for_one_copy:
         return train_fn, train_steps_fn, lambda replicated: replicated
-    # Every device keeps its own moving statistics; they are averaged whenever one copy is
-    # needed (evaluation, checkpoint), as in flax's examples/imagenet.
     average = layout.compile(devices.mean_float_leaves, donate_state=False)
     return (
         train_fn,
@@ -605,7 +604,7 @@ def _save(
     train_seconds = log.train_seconds()
     evaluated = None
     with log.pause():
-        state = run.one_copy(state)
+        state = run.average_statistics(state)
         if evaluate_first:
             evaluated = evaluate(run.eval_fn, state, run.dataset, run.config, run.layout)
             epoch = step / run.cadence.steps_per_epoch
