@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 
-.PHONY: install fashion-mnist train test-data test lint format bench clean
+.PHONY: install fashion-mnist chromium train test-data test lint format docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev,equinox]'
+	$(BIN)/pip install --quiet -e '.[train,dev,equinox,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,7 +47,22 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint test-data
+# The documentation site (docs/): every page's code cells run, any warning is an error (-W:
+# a broken docstring, an unresolved cross-reference, a public name without an API entry). The
+# pages are read (their code run) in parallel, one process per core.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -j auto -b html -W --keep-going -q docs docs/_build/html
+	@echo "the site is in docs/_build/html (open index.html)"
+
+# tests/test_docs_site.py opens the built site in headless Chromium, from Debian's `chromium`
+# package where we can install it (root on Debian); elsewhere that test is skipped and says why.
+chromium:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium \
+		|| echo "warning: could not install the Debian package chromium" >&2; fi
+
+# The site is built first: the docs tests (internal links, the browser) check it.
+test: lint test-data chromium docs
 	$(BIN)/python -m pytest -n 2 tests
 
 EXPERIMENTS := bn_vs_no_bn decay small_batch multi_device jbn_vs_flax
@@ -68,4 +83,4 @@ bench: $(STAMP)
 		|| exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/api/_autosummary

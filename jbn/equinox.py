@@ -10,19 +10,21 @@ and is imported only as `jbn.equinox`.
 Unlike `eqx.nn.BatchNorm` (0.13): training normalizes with the batch statistics, never with
 EMA-mixed ones (equinox#659); the running variance starts at 1 (equinox#955); inference reads
 the moving averages themselves, with no `m**t / (1 - m**t)` inflation of the variance; the
-statistics are float32 or wider whatever the input dtype; nested `vmap`s and inputs of any rank
+statistics are float32 or wider whatever the input dtype; nested vmaps and inputs of any rank
 work (equinox#707, #592).
 
-Example::
+Example (a doctest, run by tests/test_docstrings.py):
 
-    import equinox as eqx, jax, jax.numpy as jnp
-    import jbn.equinox
-
-    bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch")
-    batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    y, state = batched(x, state)                  # x: (B, 3, H, W); statistics move
-    inference = eqx.nn.inference_mode(bn)
-    y = jax.vmap(inference, in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+>>> import equinox as eqx, jax, jax.numpy as jnp
+>>> import jbn.equinox
+>>> x = jax.random.normal(jax.random.key(0), (8, 3, 4, 4))  # (B, C, H, W)
+>>> bn, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(3, "batch")
+>>> batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+>>> y, state = batched(x, state)  # training: the batch's statistics; the moving ones move
+>>> inference = eqx.nn.inference_mode(bn)
+>>> y = jax.vmap(inference, in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+>>> y.shape, state.get(bn.state_index).mean.shape
+((8, 3, 4, 4), (3,))
 """
 
 from __future__ import annotations
@@ -66,11 +68,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
       center, scale: learn `beta` / `gamma` (`channelwise_affine=True` is both).
       epsilon: positive float added to the variance (`eps`).
       inference: the mode; `eqx.nn.inference_mode` sets it, the call's `inference` overrides it.
-      fused, zero_debias_moving_mean, unbiased_moving_variance, renorm, renorm_clipping,
-        renorm_decay, axis_index_groups, dtype, param_dtype: as in `jbn.BatchNorm` (same checks,
-        same numbers). `dtype` is the computation and output dtype (None: the input's);
-        `param_dtype` that of `gamma`/`beta`; the statistics are float32 (float64 inputs are
-        reduced in float64).
+      **options: `fused`, `zero_debias_moving_mean`, `unbiased_moving_variance`, `renorm`,
+        `renorm_clipping`, `renorm_decay`, `axis_index_groups`, `dtype`, `param_dtype`: as in
+        `jbn.BatchNorm` (same checks, same numbers). `dtype` is the computation and output
+        dtype (None: the input's); `param_dtype` that of `gamma`/`beta`; the statistics are
+        float32 (float64 inputs are reduced in float64).
 
     Attributes: `gamma`, `beta` (arrays of shape `(C,)`, or None), `state_index` (a `StateIndex`
     of `jbn.running.RunningStatistics`: `mean` and `variance`, float32, start at 0 and 1).

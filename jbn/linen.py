@@ -28,7 +28,7 @@ __all__ = ["FLAX_NAMES", "BatchNorm", "from_flax_variables", "to_flax_variables"
 
 Initializer = module.Initializer
 
-# jbn's variable names -> flax's (`flax.linen.BatchNorm`, `flax.nnx.BatchNorm`); params first.
+#: jbn's variable names -> flax's (`flax.linen.BatchNorm`, `flax.nnx.BatchNorm`); params first.
 FLAX_NAMES: dict[str, str] = {
     "gamma": "scale",
     "beta": "bias",
@@ -57,7 +57,9 @@ class BatchNorm(nn.Module):
     unchanged. For jbn's own arguments (renorm, ghost batches, zero-debiasing, TF1 names) use
     `jbn.BatchNorm`; `to_flax_variables`/`from_flax_variables` move variables between the two.
 
-    Attributes (flax's; jbn.BatchNorm's name in parentheses):
+    The attributes are flax's; `jbn.BatchNorm`'s name for each is in parentheses.
+
+    Attributes:
       use_running_average: True normalizes with the stored statistics (`not is_training`);
         given here or at the call, not both (flax's `merge_param`).
       axis: the feature axis or axes (default -1).

@@ -38,37 +38,28 @@ class BatchNorm(nn.Module):
     accumulated in float32 whatever the input dtype, with a variance that stays accurate when
     the mean is large against the spread (see `jbn.stats`).
 
-    Example, one training step and an evaluation::
+    Example, one training step and an evaluation (a doctest, run by tests/test_docstrings.py):
 
-        model = jbn.BatchNorm(decay=0.9, scale=True)
-        variables = model.init(jax.random.key(0), x, is_training=False)
-        params, batch_stats = variables["params"], variables["batch_stats"]
+    >>> import jax, jax.numpy as jnp, jbn
+    >>> x = jax.random.normal(jax.random.key(0), (16, 4, 4, 3))  # NHWC
+    >>> target = jnp.tanh(x)
+    >>> model = jbn.BatchNorm(decay=0.9, scale=True)
+    >>> variables = model.init(jax.random.key(0), x, is_training=False)
+    >>> params, batch_stats = variables["params"], variables["batch_stats"]
+    >>> def loss_fn(params):
+    ...     y, updates = model.apply(
+    ...         {"params": params, "batch_stats": batch_stats}, x, is_training=True,
+    ...         mutable=["batch_stats", "losses"])
+    ...     regularization = sum(jax.tree.leaves(updates.get("losses", {})))
+    ...     return jnp.mean((y - target) ** 2) + regularization, updates["batch_stats"]
+    >>> grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
+    >>> params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)  # or optax
+    >>> y_eval = model.apply({"params": params, "batch_stats": batch_stats}, x, is_training=False)
+    >>> y_eval.shape, sorted(batch_stats)
+    ((16, 4, 4, 3), ['moving_mean', 'moving_variance'])
 
-        def loss_fn(params):
-            y, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats}, x, is_training=True,
-                mutable=["batch_stats", "losses"])
-            regularization = sum(jax.tree.leaves(updates.get("losses", {})))
-            return jnp.mean((y - target) ** 2) + regularization, updates["batch_stats"]
-
-        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
-        # ... apply grads with optax ...
-        y_eval = model.apply({"params": params, "batch_stats": batch_stats}, x, is_training=False)
-
-    Names in other libraries (TF1 contrib / jbn -> flax.linen.BatchNorm -> PyTorch BatchNorm2d):
-
-    * `decay=0.9` (weight on the old value) -> `momentum=0.9` -> `momentum=0.1` (weight on the
-      new value: `momentum = 1 - decay`).
-    * `is_training=False` -> `use_running_average=True` -> `module.eval()`; Keras:
-      `training=False`.
-    * `center`, `scale` -> `use_bias`, `use_scale` -> `affine` (both together).
-    * `data_format='NCHW'` -> `axis=1` (jbn accepts `axis=` too) -> the only layout.
-    * `decay=None` (cumulative average) -> none -> `momentum=None`.
-    * `epsilon` (default 1e-3) -> `epsilon` (1e-5) -> `eps` (1e-5).
-    * `moving_mean`, `moving_variance` -> `mean`, `var` -> `running_mean`, `running_var`.
-      TF1 (non-fused), flax and jbn store the biased variance (divided by n); PyTorch stores the
-      unbiased one (n - 1): set `unbiased_moving_variance=True` to match its checkpoints.
-    * `updates_collections` / `UPDATE_OPS` -> `mutable=["batch_stats"]` -> in-place buffers.
+    Names in other libraries (TF1, flax.linen, flax.nnx, PyTorch) and where their semantics
+    differ: the table of the guide "Coming from TF1, flax or PyTorch" (docs/guides/migration.md).
 
     Variables: `params` hold `beta` (if `center`) and `gamma` (if `scale`), of the feature shape
     `(C,)` (the sizes along `axis`) and dtype `param_dtype`. `batch_stats` holds `moving_mean`

@@ -7,26 +7,28 @@ over `jbn.layer` and `jbn.running`), with NNX's conventions: the mode is the att
 `set_view`); `gamma`/`beta` are `nnx.Param`, the running statistics `nnx.BatchStat` updated in
 place during training.
 
-Example, training with `nnx.Optimizer` and evaluating::
+Example, training with `nnx.Optimizer` and evaluating (a doctest, run by
+tests/test_docstrings.py):
 
-    import jax.numpy as jnp, optax, jbn
-    from flax import nnx
-
-    model = jbn.nnx.BatchNorm(3, decay=0.9, scale=True, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, x, target):
-        def loss_fn(model):
-            return jnp.mean((model(x) - target) ** 2) + jbn.nnx.regularization_loss(model)
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    model.train()   # batch statistics; moving statistics move
-    loss = train_step(model, optimizer, x, target)
-    model.eval()    # moving statistics, nothing moves
-    y = model(x)
+>>> import jax, jax.numpy as jnp, optax, jbn
+>>> from flax import nnx
+>>> x = jax.random.normal(jax.random.key(0), (16, 3)) + 5.0
+>>> target = jnp.tanh(x)
+>>> model = jbn.nnx.BatchNorm(3, decay=0.9, scale=True, rngs=nnx.Rngs(0))
+>>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+>>> @nnx.jit
+... def train_step(model, optimizer, x, target):
+...     def loss_fn(model):
+...         return jnp.mean((model(x) - target) ** 2) + jbn.nnx.regularization_loss(model)
+...     loss, grads = nnx.value_and_grad(loss_fn)(model)
+...     optimizer.update(model, grads)
+...     return loss
+>>> model.train()  # batch statistics; moving statistics move
+>>> loss = train_step(model, optimizer, x, target)
+>>> model.eval()  # moving statistics, nothing moves
+>>> y = model(x)
+>>> y.shape, bool(jnp.all(model.moving_mean[...] > 0))
+((16, 3), True)
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ class BatchNorm(nnx.Module):
         evaluates (moving statistics, nothing moves), None requires the call argument.
         `model.train()`, `model.eval()` and `nnx.view` set it.
       rngs: `nnx.Rngs` for the initializers.
-      decay, center, scale, epsilon, activation_fn, param_initializers, param_regularizers,
-        trainable, fused, data_format, axis, zero_debias_moving_mean, renorm,
-        renorm_clipping, renorm_decay, virtual_batch_size, axis_name, axis_index_groups,
-        dtype, param_dtype, unbiased_moving_variance: as in `jbn.BatchNorm` (same defaults,
-        same checks, same numbers).
+      **options: `decay`, `center`, `scale`, `epsilon`, `activation_fn`,
+        `param_initializers`, `param_regularizers`, `trainable`, `fused`, `data_format`,
+        `axis`, `zero_debias_moving_mean`, `renorm`, `renorm_clipping`, `renorm_decay`,
+        `virtual_batch_size`, `axis_name`, `axis_index_groups`, `dtype`, `param_dtype`,
+        `unbiased_moving_variance`: as in `jbn.BatchNorm` (same defaults, same checks, same
+        numbers).
 
     Attributes: `beta`, `gamma` (`nnx.Param` or None); `moving_mean`, `moving_variance` and,
     depending on the options, `moving_stddev`, `moving_mean_biased`, `renorm_mean`,

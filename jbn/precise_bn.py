@@ -87,6 +87,7 @@ __all__ = [
     "update",
 ]
 
+#: The values of `recalibrate_statistics`'s `variance` argument.
 VARIANCES = ("batch", "population")
 BATCH_NORM_TYPES = (BatchNorm, nn.BatchNorm)
 
@@ -366,12 +367,19 @@ def recalibrate_statistics(
 ) -> dict[str, Any]:
     """Precise BN: the `batch_stats` of `variables` recomputed over `batches` (module docstring).
 
-    Example::
+    Example (a doctest, run by tests/test_docstrings.py):
 
-        apply_fn = lambda v, x: model.apply(v, x, is_training=True, mutable=['batch_stats'])
-        batch_stats = jbn.recalibrate_statistics(apply_fn, variables, train_batches,
-                                                 num_batches=200)
-        variables = {**variables, 'batch_stats': batch_stats}
+    >>> import jax, jax.numpy as jnp, numpy as np, jbn
+    >>> model = jbn.BatchNorm()
+    >>> train_batches = [jax.random.normal(jax.random.key(i), (32, 4)) * 2 + 1 for i in range(3)]
+    >>> variables = model.init(jax.random.key(0), train_batches[0], is_training=False)
+    >>> apply_fn = lambda v, x: model.apply(v, x, is_training=True, mutable=['batch_stats'])
+    >>> batch_stats = jbn.recalibrate_statistics(apply_fn, variables, train_batches,
+    ...                                          num_batches=200)
+    >>> variables = {**variables, 'batch_stats': batch_stats}
+    >>> everything = np.concatenate(train_batches)
+    >>> bool(np.allclose(batch_stats["moving_mean"], everything.mean(0), atol=1e-5))
+    True
 
     Args:
       apply_fn: `apply_fn(variables, batch)` runs the model in training mode (see

@@ -113,7 +113,7 @@ class RunningStatistics(NamedTuple):
     num_updates: jax.Array | None = None
 
 
-# The variable name of each `RunningStatistics` field in both layers (TF1's names).
+#: The variable name of each `RunningStatistics` field in both layers (TF1's names).
 VARIABLE_NAMES = {
     "mean": "moving_mean",
     "variance": "moving_variance",
