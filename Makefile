@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[torch]'
 	$(BIN)/python benchmarks/bn_ops.py | tee benchmarks/results/bn_ops.md
 	$(BIN)/python benchmarks/throughput.py | tee benchmarks/results/throughput.md
+	$(BIN)/python benchmarks/resnet.py | tee benchmarks/results/resnet.md
 	$(BIN)/python benchmarks/profile_step.py breakdown | tee benchmarks/results/profile_breakdown.md
 	$(BIN)/python benchmarks/profile_step.py convolutions | tee benchmarks/results/profile_convolutions.md
 	$(BIN)/python benchmarks/profile_step.py page-faults | tee benchmarks/results/profile_page_faults.md

@@ -1,6 +1,6 @@
 """jbn.linen.BatchNorm, the drop-in for flax.linen.BatchNorm, run side by side with flax's layer;
-the flax <-> jbn variable-name converters; a ResNet block of flax's examples/imagenet switched by
-changing only its `norm = partial(...)`."""
+the flax <-> jbn variable-name converters; train/resnet.py's blocks (flax's examples/imagenet
+interface) switched by changing only the `norm = partial(...)` they are given."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from flax import nnx
 from jbn_testing import F32_TOL, random_batches
 
 import jbn
+from train.resnet import BottleneckResNetBlock, ResNetBlock
 
 CONFIGS = {
     "default": (dict(), {}),
@@ -94,56 +95,12 @@ def test_flax_arguments_defaults_and_call():
 
 
 # ---------------------------------------------------------------------------------------------
-# flax's examples/imagenet/models.py blocks, verbatim but for the initializer's spelling.
-
-
-class ResNetBlock(nn.Module):
-    filters: int
-    conv: object
-    norm: object
-    act: object
-    strides: tuple[int, int] = (1, 1)
-
-    @nn.compact
-    def __call__(self, x):
-        residual = x
-        y = self.conv(self.filters, (3, 3), self.strides)(x)
-        y = self.norm()(y)
-        y = self.act(y)
-        y = self.conv(self.filters, (3, 3))(y)
-        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return self.act(residual + y)
-
-
-class BottleneckResNetBlock(nn.Module):
-    filters: int
-    conv: object
-    norm: object
-    act: object
-    strides: tuple[int, int] = (1, 1)
-
-    @nn.compact
-    def __call__(self, x):
-        residual = x
-        y = self.conv(self.filters, (1, 1))(x)
-        y = self.norm()(y)
-        y = self.act(y)
-        y = self.conv(self.filters, (3, 3), self.strides)(y)
-        y = self.norm()(y)
-        y = self.act(y)
-        y = self.conv(self.filters * 4, (1, 1))(y)
-        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return self.act(residual + y)
+# The ResNet blocks of train/resnet.py, which call their batch norm as flax's examples/imagenet
+# blocks do.
 
 
 class TinyResNet(nn.Module):
-    """flax's ResNet with two blocks; `batch_norm` is the only thing the switch changes."""
+    """A ResNet with two blocks; `batch_norm` is the only thing the switch changes."""
 
     batch_norm: object = nn.BatchNorm
 
