@@ -82,11 +82,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
     inference: bool
     input_size: int = eqx.field(static=True)
     options: layer.LayerOptions = eqx.field(static=True)
-    decay: float | None = eqx.field(static=True)
-    zero_debias_moving_mean: bool = eqx.field(static=True)
-    unbiased_moving_variance: bool = eqx.field(static=True)
-    renorm_decay: float = eqx.field(static=True)
-    dtype: Any = eqx.field(static=True)
 
     def __init__(
         self,
@@ -111,23 +106,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # Equinox's sequence of names is jbn's tuple of names (a list would not hash).
         if isinstance(axis_name, list):
             axis_name = tuple(axis_name)
-        self.options = layer.layer_options(
+        self.options = layer.LayerOptions(
             decay=decay,
             center=center,
             scale=scale,
             epsilon=epsilon,
-            activation_fn=None,
-            param_initializers=None,
-            param_regularizers=None,
-            trainable=True,
             fused=fused,
-            data_format=None,
             axis=FEATURE_AXES,
             zero_debias_moving_mean=zero_debias_moving_mean,
             renorm=renorm,
             renorm_clipping=renorm_clipping,
             renorm_decay=renorm_decay,
-            virtual_batch_size=None,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             dtype=dtype,
@@ -141,11 +130,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.gamma = layer.initializer(None, "gamma")(None, shape, param_dtype) if scale else None
         self.beta = layer.initializer(None, "beta")(None, shape, param_dtype) if center else None
         self.inference = inference
-        self.decay = decay
-        self.zero_debias_moving_mean = zero_debias_moving_mean
-        self.unbiased_moving_variance = unbiased_moving_variance
-        self.renorm_decay = renorm_decay
-        self.dtype = dtype
         initial = (
             layer.initial_statistic(None, name, None, shape)
             for name in ("moving_mean", "moving_variance")
@@ -156,15 +140,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def axis_name(self) -> Any:
         return self.options.axis_name
 
+    @property
+    def decay(self) -> float | None:
+        return self.options.decay
+
+    @property
+    def zero_debias_moving_mean(self) -> bool:
+        return self.options.zero_debias_moving_mean
+
+    @property
+    def unbiased_moving_variance(self) -> bool:
+        return self.options.unbiased_moving_variance
+
+    @property
+    def renorm_decay(self) -> float:
+        return self.options.renorm_decay
+
+    @property
+    def dtype(self) -> Any:
+        return self.options.dtype
+
     def _rule(self) -> running.RunningStatisticsUpdate:
-        return running.running_statistics(
-            self.decay,
-            epsilon=self.options.epsilon,
-            zero_debias_mean=self.zero_debias_moving_mean,
-            unbiased_variance=self.unbiased_moving_variance,
-            renorm=self.options.renorm,
-            renorm_decay=self.renorm_decay,
-        )
+        # float32 statistics whatever param_dtype (the documented dtype of this layer's state).
+        return self.options.running_rule(running.STATS_DTYPE)
 
     def __call__(
         self,

@@ -23,6 +23,8 @@ __all__ = ["BatchNorm"]
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Regularizer = Callable[[jax.Array], jax.Array]
 STATS_DTYPE = running.STATS_DTYPE
+# The defaults of the layer's arguments, declared once, in `jbn.layer.LayerOptions`.
+_DEFAULTS = layer.LayerOptions()
 
 
 class BatchNorm(nn.Module):
@@ -165,53 +167,47 @@ class BatchNorm(nn.Module):
         matters for small batches (pytorch#19902).
     """
 
-    decay: float | None = 0.999
-    center: bool = True
-    scale: bool = False
-    epsilon: float = 0.001
-    activation_fn: Callable[[jax.Array], jax.Array] | None = None
-    param_initializers: Mapping[str, Initializer] | None = None
-    param_regularizers: Mapping[str, Regularizer] | None = None
+    decay: float | None = _DEFAULTS.decay
+    center: bool = _DEFAULTS.center
+    scale: bool = _DEFAULTS.scale
+    epsilon: float = _DEFAULTS.epsilon
+    activation_fn: Callable[[jax.Array], jax.Array] | None = _DEFAULTS.activation_fn
+    param_initializers: Mapping[str, Initializer] | None = _DEFAULTS.param_initializers
+    param_regularizers: Mapping[str, Regularizer] | None = _DEFAULTS.param_regularizers
     is_training: bool | None = None
-    trainable: bool = True
-    fused: bool | None = None
-    data_format: str | None = None
-    axis: int | Sequence[int] | None = None
-    zero_debias_moving_mean: bool = False
-    renorm: bool = False
-    renorm_clipping: Mapping[str, float] | None = None
-    renorm_decay: float = 0.99
-    virtual_batch_size: int | None = None
-    axis_name: Any = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    unbiased_moving_variance: bool = False
+    trainable: bool = _DEFAULTS.trainable
+    fused: bool | None = _DEFAULTS.fused
+    data_format: str | None = _DEFAULTS.data_format
+    axis: int | Sequence[int] | None = _DEFAULTS.axis
+    zero_debias_moving_mean: bool = _DEFAULTS.zero_debias_moving_mean
+    renorm: bool = _DEFAULTS.renorm
+    renorm_clipping: Mapping[str, float] | None = _DEFAULTS.renorm_clipping
+    renorm_decay: float = _DEFAULTS.renorm_decay
+    virtual_batch_size: int | None = _DEFAULTS.virtual_batch_size
+    axis_name: Any = _DEFAULTS.axis_name
+    axis_index_groups: Sequence[Sequence[int]] | None = _DEFAULTS.axis_index_groups
+    dtype: Any = _DEFAULTS.dtype
+    param_dtype: Any = _DEFAULTS.param_dtype
+    unbiased_moving_variance: bool = _DEFAULTS.unbiased_moving_variance
 
     # Variable names as stored, for jbn's names (the identity here): `jbn.linen.BatchNorm`, the
     # flax-named drop-in, stores the same variables under flax's names.
     variable_names: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
-        # Constructor arguments are checked here, so a bad TF1 port fails where it is written.
-        self._options()
+        # Constructor arguments are checked here, once, so a bad TF1 port fails where it is
+        # written; the checked options are kept for the calls.
+        options = layer.LayerOptions(
+            **{name: getattr(self, name) for name in layer.LAYER_ARGUMENTS}
+        )
+        object.__setattr__(self, "_layer_options", options)
         if self.is_training is not None:
             _checks.as_bool(self.is_training, "is_training")
         super().__post_init__()
 
     def _options(self) -> layer.LayerOptions:
-        return layer.layer_options(**{name: getattr(self, name) for name in layer.LAYER_ARGUMENTS})
-
-    def _running_rule(self) -> running.RunningStatisticsUpdate:
-        return running.running_statistics(
-            self.decay,
-            epsilon=self.epsilon,
-            zero_debias_mean=self.zero_debias_moving_mean,
-            unbiased_variance=self.unbiased_moving_variance,
-            renorm=self.renorm,
-            renorm_decay=self.renorm_decay,
-            dtype=running.statistics_dtype(self.param_dtype),
-        )
+        """The checked options (`jbn.layer.LayerOptions`) of this module's fields."""
+        return self._layer_options
 
     @nn.compact
     def __call__(
@@ -288,7 +284,7 @@ class BatchNorm(nn.Module):
             renorm_stddev=state.renorm_stddev,
         )
         if not self.is_initializing():
-            new_state = self._running_rule().update(
+            new_state = options.running_rule().update(
                 state, batch, options.axis_name, options.axis_index_groups
             )
             for field, variable in variables.items():
@@ -331,7 +327,7 @@ class BatchNorm(nn.Module):
 
     def _statistics_variables(self, feature_shape: tuple[int, ...]) -> dict[str, Any]:
         """One `batch_stats` variable per field of the running state, keyed by field."""
-        rule = self._running_rule()
+        rule = self._options().running_rule()
         rule_dtype = running.statistics_dtype(self.param_dtype)
         initial = {}
 
