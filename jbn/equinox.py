@@ -194,49 +194,35 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         inference = self.inference if inference is None else inference
         training = not _checks.as_bool(inference, "inference")
-        options = self.options
-        x, output_dtype = layer.prepare_input(x, self.dtype)
+        x = jnp.asarray(x)
+        _checks.check_floating(x, "x")
         if x.ndim < 1 or x.shape[0] != self.input_size:
             raise ValueError(
                 f"x must be one example (C, ...) with C = input_size = {self.input_size}, got "
                 f"shape {x.shape}: call the layer under jax.vmap over the batch."
             )
-        statistics = state.get(self.state_index)
-        if not training:
-            y = layer.inference_forward(
-                x,
-                statistics.mean,
-                statistics.variance,
-                self.beta,
-                self.gamma,
-                options.epsilon,
-                FEATURE_AXES,
-            )
-            return layer.finish(y, output_dtype, None), state
-        if options.axis_name is None:
+        if training and self.options.axis_name is None:
             raise ValueError(
                 "jbn.equinox.BatchNorm needs axis_name to train: it sees one example, so the "
                 "batch is the axis of jax.vmap(..., axis_name=...) (or pmap/shard_map)."
             )
-        # Broadcast first: `prepare_weights` reads a rank-1 value as one entry per example of
-        # axis 0, which here is the channel axis.
+        # Broadcast first (training only, as the arguments are): `jbn.layer.apply` reads a
+        # rank-1 value as one entry per example of axis 0, which here is the channel axis.
         full = {}
         for name, value in (("mask", mask), ("batch_weights", batch_weights)):
-            if value is not None:
+            if value is not None and training:
                 _checks.check_broadcastable(value, x.shape, name)
                 full[name] = jnp.broadcast_to(value, x.shape)
-        weights, mask = layer.prepare_weights(x, full.get("batch_weights"), full.get("mask"))
-        y, batch = layer.train_forward(
+        statistics = state.get(self.state_index)
+        y, new = layer.apply(
+            self.options,
+            {"beta": self.beta, "gamma": self.gamma},
+            statistics,
             x,
-            self.gamma,
-            self.beta,
-            options,
-            FEATURE_AXES,
-            weights=weights,
-            mask=mask,
-            renorm_mean=statistics.renorm_mean,
-            renorm_stddev=statistics.renorm_stddev,
+            training=training,
+            axes=FEATURE_AXES,
+            **full,
         )
-        new = self._rule().update(statistics, batch, options.axis_name, options.axis_index_groups)
-        state = state.set(self.state_index, jax.tree.map(lax.stop_gradient, new))
-        return layer.finish(y, output_dtype, None), state
+        if training:
+            state = state.set(self.state_index, jax.tree.map(lax.stop_gradient, new))
+        return y, state

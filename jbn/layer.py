@@ -14,17 +14,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jbn import _checks, running
 from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
 from jbn.renorm import batch_renorm
-from jbn.running import STATS_DTYPE, BatchStatistics, RunningStatisticsUpdate
+from jbn.running import STATS_DTYPE, BatchStatistics, RunningStatistics, RunningStatisticsUpdate
 from jbn.stats import statistics
 
 __all__ = [
     "LAYER_ARGUMENTS",
     "LayerOptions",
+    "apply",
     "feature_axes",
+    "feature_shape",
     "finish",
     "inference_forward",
     "initial_statistic",
@@ -490,3 +493,74 @@ def finish(y: jax.Array, output_dtype, activation_fn) -> jax.Array:
     """Casts to the output dtype, then applies `activation_fn` (TF1's Python-level fusion)."""
     y = y.astype(output_dtype)
     return y if activation_fn is None else activation_fn(y)
+
+
+def feature_shape(options: LayerOptions, x) -> tuple[int, ...]:
+    """The shape of the layer's parameters and statistics for input `x` (checked: floating, a
+    rank the options' `data_format`/`axis` accept)."""
+    _checks.check_floating(x, "x")
+    shape = jnp.shape(x)
+    return tuple(shape[a] for a in feature_axes(len(shape), options.data_format, options.axis))
+
+
+def apply(
+    options: LayerOptions,
+    params: Mapping[str, jax.Array | None],
+    statistics: RunningStatistics,
+    x: jax.Array,
+    *,
+    training: bool,
+    batch_weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    update_statistics: bool = True,
+    axes: tuple[int, ...] | None = None,
+) -> tuple[jax.Array, RunningStatistics]:
+    """What a batch-norm layer does, as a pure function: every module reads its variables,
+    calls this, and writes back the statistics.
+
+    Args:
+      options: the layer's checked options.
+      params: `beta` and `gamma` (feature-shaped; a missing or None entry is absent); frozen
+        with `stop_gradient` unless `options.trainable`.
+      statistics: the running statistics (`jbn.running.RunningStatistics`), feature-shaped.
+      x: the input, floating, features where `options.data_format`/`options.axis` say.
+      training: True normalizes with the batch statistics and moves the running ones; False
+        normalizes with the running statistics and returns them unchanged.
+      batch_weights, mask: as in `jbn.BatchNorm.__call__` (training only).
+      update_statistics: False returns `statistics` unchanged in training too (linen's `init`).
+      axes: the feature axes where the caller fixes them (Equinox's one example, channels
+        first, may have no other axis); None: `feature_axes` of the options.
+
+    Returns:
+      `(y, new_statistics)`: `y` of `x`'s shape in `options.dtype` (None: `x`'s dtype), after
+      `options.activation_fn`.
+    """
+    x, output_dtype = prepare_input(x, options.dtype)
+    if axes is None:
+        axes = feature_axes(x.ndim, options.data_format, options.axis)
+    beta, gamma = (params.get(name) for name in ("beta", "gamma"))
+    if not options.trainable:
+        # TF1's trainable=False: frozen parameters, statistics mode unchanged.
+        beta, gamma = (None if p is None else lax.stop_gradient(p) for p in (beta, gamma))
+    if not training:
+        y = inference_forward(
+            x, statistics.mean, statistics.variance, beta, gamma, options.epsilon, axes
+        )
+        return finish(y, output_dtype, options.activation_fn), statistics
+    weights, mask = prepare_weights(x, batch_weights, mask)
+    y, batch = train_forward(
+        x,
+        gamma,
+        beta,
+        options,
+        axes,
+        weights=weights,
+        mask=mask,
+        renorm_mean=statistics.renorm_mean,
+        renorm_stddev=statistics.renorm_stddev,
+    )
+    if update_statistics:
+        statistics = options.running_rule().update(
+            statistics, batch, options.axis_name, options.axis_index_groups
+        )
+    return finish(y, output_dtype, options.activation_fn), statistics

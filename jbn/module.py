@@ -1,9 +1,9 @@
 """`jbn.BatchNorm`: a Flax linen module with the arguments of TF1's `tf.contrib.layers.batch_norm`.
 
-The module owns variables and modes only; the argument checks and the choice of core op are in
-`jbn.layer`, every formula in the core (`jbn.layer.train_forward` over `fused_batch_norm`,
-`ghost_batch_norm`, `batch_renorm`, `batch_normalization`; `jbn.running` for the moving
-statistics).
+The module owns variables and modes only: its fields are checked once into a
+`jbn.layer.LayerOptions`, and each call reads the variables, runs the pure `jbn.layer.apply`
+(every formula in the core, `jbn.running` for the moving statistics) and writes the statistics
+back.
 """
 
 from __future__ import annotations
@@ -248,48 +248,34 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_is_training(is_training)
         options = self._options()
-        x, output_dtype = layer.prepare_input(x, self.dtype)
-        axes = layer.feature_axes(x.ndim, self.data_format, self.axis)
-        feature_shape = tuple(x.shape[a] for a in axes)
-
-        beta, gamma = self._affine_params(feature_shape)
+        x = jnp.asarray(x)
+        feature_shape = layer.feature_shape(options, x)
+        params = self._affine_params(feature_shape)
         variables = self._statistics_variables(feature_shape)
         state = running.RunningStatistics(
             **{field: variable.value for field, variable in variables.items()}
         )
-
-        if not training:
-            y = layer.inference_forward(
-                x, state.mean, state.variance, beta, gamma, self.epsilon, axes
-            )
-            return layer.finish(y, output_dtype, self.activation_fn)
-
-        if not self.is_mutable_collection("batch_stats"):
+        if training and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
                 "jbn.BatchNorm is in training mode (is_training=True), which updates the moving "
                 "statistics in the 'batch_stats' collection, but that collection is immutable. "
                 "Pass mutable=['batch_stats'] to apply() (and use the returned updates), or "
                 "is_training=False to normalize with the moving statistics."
             )
-        weights, mask = layer.prepare_weights(x, batch_weights, mask)
-        y, batch = layer.train_forward(
-            x,
-            gamma,
-            beta,
+        y, new_state = layer.apply(
             options,
-            axes,
-            weights=weights,
+            params,
+            state,
+            x,
+            training=training,
+            batch_weights=batch_weights,
             mask=mask,
-            renorm_mean=state.renorm_mean,
-            renorm_stddev=state.renorm_stddev,
+            update_statistics=not self.is_initializing(),
         )
-        if not self.is_initializing():
-            new_state = options.running_rule().update(
-                state, batch, options.axis_name, options.axis_index_groups
-            )
+        if training and not self.is_initializing():
             for field, variable in variables.items():
                 variable.value = getattr(new_state, field)
-        return layer.finish(y, output_dtype, self.activation_fn)
+        return y
 
     # ----------------------------------------------------------------------------------------
     # Modes and variables.
@@ -303,12 +289,12 @@ class BatchNorm(nn.Module):
             )
         return _checks.as_bool(value, "is_training")
 
-    def _affine_params(self, feature_shape: tuple[int, ...]):
+    def _affine_params(self, feature_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+        """`beta` and `gamma` (those enabled), created on first use; sows their regularizers."""
         regularizers = self.param_regularizers or {}
         values = {}
         for name, enabled in (("beta", self.center), ("gamma", self.scale)):
             if not enabled:
-                values[name] = None
                 continue
             value = self.param(
                 self.variable_names.get(name, name),
@@ -316,14 +302,13 @@ class BatchNorm(nn.Module):
                 feature_shape,
                 self.param_dtype,
             )
-            if not self.trainable:
-                # TF1's trainable=False: frozen parameters, statistics mode unchanged.
-                value = lax.stop_gradient(value)
             if name in regularizers and not self.is_initializing():
                 # Skipped in init so that the losses collection does not leak into variables.
-                self.sow("losses", f"{name}_regularization", regularizers[name](value))
+                # A frozen parameter (trainable=False) gets no gradient from its loss either.
+                frozen = value if self.trainable else lax.stop_gradient(value)
+                self.sow("losses", f"{name}_regularization", regularizers[name](frozen))
             values[name] = value
-        return values["beta"], values["gamma"]
+        return values
 
     def _statistics_variables(self, feature_shape: tuple[int, ...]) -> dict[str, Any]:
         """One `batch_stats` variable per field of the running state, keyed by field."""

@@ -199,15 +199,9 @@ class BatchNorm(nnx.Module):
             if isinstance(getattr(self, name, None), nnx.BatchStat)
         }
 
-    def _params(self) -> tuple[jax.Array | None, jax.Array | None]:
-        values = []
-        for param in (self.beta, self.gamma):
-            value = None if param is None else param[...]
-            if value is not None and not self.options.trainable:
-                # TF1's trainable=False: frozen parameters, statistics mode unchanged.
-                value = lax.stop_gradient(value)
-            values.append(value)
-        return values[0], values[1]
+    @staticmethod
+    def _param(param: nnx.Param | None) -> jax.Array | None:
+        return None if param is None else param[...]
 
     def regularization_loss(self) -> jax.Array:
         """Sum of `param_regularizers` applied to `beta`/`gamma` (0.0 without any)."""
@@ -244,41 +238,29 @@ class BatchNorm(nnx.Module):
                 "constructor, or to the call."
             )
         training = not _checks.as_bool(value, "use_running_average")
-        options = self.options
-        x, output_dtype = layer.prepare_input(x, options.dtype)
-        axes = layer.feature_axes(x.ndim, options.data_format, options.axis)
-        feature_shape = tuple(x.shape[a] for a in axes)
+        x = jnp.asarray(x)
+        feature_shape = layer.feature_shape(self.options, x)
         if feature_shape != self.feature_shape:
             raise ValueError(
-                f"x has features of shape {feature_shape} along axis {axes}, but the layer was "
-                f"built with num_features={self.feature_shape}."
+                f"x of shape {x.shape} has features of shape {feature_shape}, but the layer "
+                f"was built with num_features={self.feature_shape}."
             )
-        beta, gamma = self._params()
+        params = {"beta": self._param(self.beta), "gamma": self._param(self.gamma)}
         variables = self._statistics()
         state = running.RunningStatistics(**{k: v[...] for k, v in variables.items()})
-        if not training:
-            y = layer.inference_forward(
-                x, state.mean, state.variance, beta, gamma, options.epsilon, axes
-            )
-            return layer.finish(y, output_dtype, options.activation_fn)
-        weights, mask = layer.prepare_weights(x, batch_weights, mask)
-        y, batch = layer.train_forward(
+        y, new_state = layer.apply(
+            self.options,
+            params,
+            state,
             x,
-            gamma,
-            beta,
-            options,
-            axes,
-            weights=weights,
+            training=training,
+            batch_weights=batch_weights,
             mask=mask,
-            renorm_mean=state.renorm_mean,
-            renorm_stddev=state.renorm_stddev,
         )
-        new_state = options.running_rule().update(
-            state, batch, options.axis_name, options.axis_index_groups
-        )
-        for field, variable in variables.items():
-            variable[...] = lax.stop_gradient(getattr(new_state, field))
-        return layer.finish(y, output_dtype, options.activation_fn)
+        if training:
+            for field, variable in variables.items():
+                variable[...] = lax.stop_gradient(getattr(new_state, field))
+        return y
 
 
 # The other arguments read back from the options (read-only: a built layer's variables follow
