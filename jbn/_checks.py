@@ -42,6 +42,16 @@ def check_decay(value, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}.")
 
 
+def check_zero_debias(decay, zero_debias, name: str) -> None:
+    """Zero-debiasing corrects an exponential average; the cumulative one (`decay=None`) has
+    no bias to correct."""
+    if decay is None and zero_debias:
+        raise ValueError(
+            f"{name} needs an exponential decay; decay=None (the cumulative average) is already "
+            "unbiased."
+        )
+
+
 def normalize_axes(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
     """Returns `axes` as a sorted tuple of non-negative ints, rejecting bad or repeated axes."""
     if isinstance(axes, (int, np.integer)):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jbn import _checks
 from jbn.stats import accumulation_dtype
 
-__all__ = ["MovingAverage", "MovingAverageState", "moving_average"]
+__all__ = ["MovingAverage", "MovingAverageState", "moving_average", "unchecked_moving_average"]
 
 PyTree = Any
 
@@ -61,12 +61,6 @@ class MovingAverage(NamedTuple):
     update: UpdateFn
 
 
-def _check_decay(decay) -> None:
-    # None is the cumulative average; a traced decay cannot be checked.
-    if decay is not None and not isinstance(decay, jax.core.Tracer):
-        _checks.check_decay(decay, "decay")
-
-
 def moving_average(decay: float | None, *, zero_debias: bool = False) -> MovingAverage:
     """Builds an exponential, zero-debiased or cumulative moving average.
 
@@ -79,9 +73,15 @@ def moving_average(decay: float | None, *, zero_debias: bool = False) -> MovingA
       `MovingAverage(init, update)`: `init(initial_value)` and `update(state, value)`, both
       pure; arrays keep their dtypes (keep statistics in float32).
     """
-    _check_decay(decay)
-    if decay is None and zero_debias:
-        raise ValueError("zero_debias needs an exponential decay; decay=None is already unbiased.")
+    # None is the cumulative average; a traced decay cannot be checked.
+    if decay is not None and not isinstance(decay, jax.core.Tracer):
+        _checks.check_decay(decay, "decay")
+    _checks.check_zero_debias(decay, zero_debias, "zero_debias")
+    return unchecked_moving_average(decay, zero_debias)
+
+
+def unchecked_moving_average(decay: float | None, zero_debias: bool) -> MovingAverage:
+    """`moving_average` for arguments its caller has checked (`jbn.running`)."""
 
     def init(initial_value: PyTree) -> MovingAverageState:
         initial_value = jax.tree.map(jnp.asarray, initial_value)

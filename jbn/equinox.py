@@ -84,11 +84,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
     inference: bool
     input_size: int = eqx.field(static=True)
     options: layer.LayerOptions = eqx.field(static=True)
-    decay: float | None = eqx.field(static=True)
-    zero_debias_moving_mean: bool = eqx.field(static=True)
-    unbiased_moving_variance: bool = eqx.field(static=True)
-    renorm_decay: float = eqx.field(static=True)
-    dtype: Any = eqx.field(static=True)
 
     def __init__(
         self,
@@ -113,23 +108,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # Equinox's sequence of names is jbn's tuple of names (a list would not hash).
         if isinstance(axis_name, list):
             axis_name = tuple(axis_name)
-        self.options = layer.layer_options(
+        self.options = layer.LayerOptions(
             decay=decay,
             center=center,
             scale=scale,
             epsilon=epsilon,
-            activation_fn=None,
-            param_initializers=None,
-            param_regularizers=None,
-            trainable=True,
             fused=fused,
-            data_format=None,
             axis=FEATURE_AXES,
             zero_debias_moving_mean=zero_debias_moving_mean,
             renorm=renorm,
             renorm_clipping=renorm_clipping,
             renorm_decay=renorm_decay,
-            virtual_batch_size=None,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             dtype=dtype,
@@ -143,11 +132,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.gamma = layer.initializer(None, "gamma")(None, shape, param_dtype) if scale else None
         self.beta = layer.initializer(None, "beta")(None, shape, param_dtype) if center else None
         self.inference = inference
-        self.decay = decay
-        self.zero_debias_moving_mean = zero_debias_moving_mean
-        self.unbiased_moving_variance = unbiased_moving_variance
-        self.renorm_decay = renorm_decay
-        self.dtype = dtype
         initial = (
             layer.initial_statistic(None, name, None, shape)
             for name in ("moving_mean", "moving_variance")
@@ -158,15 +142,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def axis_name(self) -> Any:
         return self.options.axis_name
 
+    @property
+    def decay(self) -> float | None:
+        return self.options.decay
+
+    @property
+    def zero_debias_moving_mean(self) -> bool:
+        return self.options.zero_debias_moving_mean
+
+    @property
+    def unbiased_moving_variance(self) -> bool:
+        return self.options.unbiased_moving_variance
+
+    @property
+    def renorm_decay(self) -> float:
+        return self.options.renorm_decay
+
+    @property
+    def dtype(self) -> Any:
+        return self.options.dtype
+
     def _rule(self) -> running.RunningStatisticsUpdate:
-        return running.running_statistics(
-            self.decay,
-            epsilon=self.options.epsilon,
-            zero_debias_mean=self.zero_debias_moving_mean,
-            unbiased_variance=self.unbiased_moving_variance,
-            renorm=self.options.renorm,
-            renorm_decay=self.renorm_decay,
-        )
+        # float32 statistics whatever param_dtype (the documented dtype of this layer's state).
+        return self.options.running_rule(running.STATS_DTYPE)
 
     def __call__(
         self,
@@ -198,49 +196,35 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         inference = self.inference if inference is None else inference
         training = not _checks.as_bool(inference, "inference")
-        options = self.options
-        x, output_dtype = layer.prepare_input(x, self.dtype)
+        x = jnp.asarray(x)
+        _checks.check_floating(x, "x")
         if x.ndim < 1 or x.shape[0] != self.input_size:
             raise ValueError(
                 f"x must be one example (C, ...) with C = input_size = {self.input_size}, got "
                 f"shape {x.shape}: call the layer under jax.vmap over the batch."
             )
-        statistics = state.get(self.state_index)
-        if not training:
-            y = layer.inference_forward(
-                x,
-                statistics.mean,
-                statistics.variance,
-                self.beta,
-                self.gamma,
-                options.epsilon,
-                FEATURE_AXES,
-            )
-            return layer.finish(y, output_dtype, None), state
-        if options.axis_name is None:
+        if training and self.options.axis_name is None:
             raise ValueError(
                 "jbn.equinox.BatchNorm needs axis_name to train: it sees one example, so the "
                 "batch is the axis of jax.vmap(..., axis_name=...) (or pmap/shard_map)."
             )
-        # Broadcast first: `prepare_weights` reads a rank-1 value as one entry per example of
-        # axis 0, which here is the channel axis.
+        # Broadcast first (training only, as the arguments are): `jbn.layer.apply` reads a
+        # rank-1 value as one entry per example of axis 0, which here is the channel axis.
         full = {}
         for name, value in (("mask", mask), ("batch_weights", batch_weights)):
-            if value is not None:
+            if value is not None and training:
                 _checks.check_broadcastable(value, x.shape, name)
                 full[name] = jnp.broadcast_to(value, x.shape)
-        weights, mask = layer.prepare_weights(x, full.get("batch_weights"), full.get("mask"))
-        y, batch = layer.train_forward(
+        statistics = state.get(self.state_index)
+        y, new = layer.apply(
+            self.options,
+            {"beta": self.beta, "gamma": self.gamma},
+            statistics,
             x,
-            self.gamma,
-            self.beta,
-            options,
-            FEATURE_AXES,
-            weights=weights,
-            mask=mask,
-            renorm_mean=statistics.renorm_mean,
-            renorm_stddev=statistics.renorm_stddev,
+            training=training,
+            axes=FEATURE_AXES,
+            **full,
         )
-        new = self._rule().update(statistics, batch, options.axis_name, options.axis_index_groups)
-        state = state.set(self.state_index, jax.tree.map(lax.stop_gradient, new))
-        return layer.finish(y, output_dtype, None), state
+        if training:
+            state = state.set(self.state_index, jax.tree.map(lax.stop_gradient, new))
+        return y, state

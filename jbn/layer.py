@@ -7,24 +7,27 @@ once, so both modules give identical numbers and identical errors.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from jbn import _checks
+from jbn import _checks, running
 from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
 from jbn.renorm import batch_renorm
-from jbn.running import STATS_DTYPE, BatchStatistics
+from jbn.running import STATS_DTYPE, BatchStatistics, RunningStatistics, RunningStatisticsUpdate
 from jbn.stats import statistics
 
 __all__ = [
     "LAYER_ARGUMENTS",
     "LayerOptions",
+    "apply",
     "feature_axes",
+    "feature_shape",
     "finish",
     "inference_forward",
     "initial_statistic",
@@ -49,18 +52,26 @@ DATA_FORMATS = ("NHWC", "NCHW")
 MIN_RANK, MAX_RANK = 2, 5
 
 
-class LayerOptions(NamedTuple):
-    """Checked, canonical layer arguments that the training forward needs."""
+class _FrozenMapping(Mapping):
+    """A read-only, hashable copy of a mapping: options are static arguments, which must hash."""
 
-    epsilon: float
-    fused: bool | None
-    renorm: bool
-    rmax: float | None
-    rmin: float | None
-    dmax: float | None
-    virtual_batch_size: int | None
-    axis_name: Any
-    axis_index_groups: tuple[tuple[int, ...], ...] | None
+    def __init__(self, mapping: Mapping) -> None:
+        self._items = dict(mapping)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 def _check_keys(mapping: Mapping[str, Any] | None, allowed: Sequence[str], name: str) -> None:
@@ -78,120 +89,166 @@ def _check_flag(value, name: str) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
-def layer_options(
-    *,
-    decay: float | None,
-    center: bool,
-    scale: bool,
-    epsilon: float,
-    activation_fn: Callable | None,
-    param_initializers: Mapping[str, Callable] | None,
-    param_regularizers: Mapping[str, Callable] | None,
-    trainable: bool,
-    fused: bool | None,
-    data_format: str | None,
-    axis: int | Sequence[int] | None,
-    zero_debias_moving_mean: bool,
-    renorm: bool,
-    renorm_clipping: Mapping[str, float] | None,
-    renorm_decay: float,
-    virtual_batch_size: int | None,
-    axis_name: Any,
-    axis_index_groups: Sequence[Sequence[int]] | None,
-    dtype: Any,
-    param_dtype: Any,
-    unbiased_moving_variance: bool,
-) -> LayerOptions:
-    """Checks every constructor argument of a jbn batch-norm layer; errors name the argument.
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """The arguments of a jbn batch-norm layer: their one declaration, defaults and checks.
 
-    Returns the canonical options used by `train_forward`.
+    Every module (`jbn.BatchNorm`, `jbn.linen.BatchNorm`, `jbn.nnx.BatchNorm`,
+    `jbn.equinox.BatchNorm`) holds one and hands it to `apply`. Construction checks every
+    argument (errors name it) and canonicalizes: lists become tuples, mappings read-only and
+    hashable, `epsilon` a float, `virtual_batch_size` an int, `axis_index_groups` a tuple of
+    tuples; nothing downstream checks them again. The meaning of each argument is documented
+    on `jbn.BatchNorm`.
     """
-    if decay is not None:
-        _checks.check_decay(decay, "decay")
-    _checks.check_decay(renorm_decay, "renorm_decay")
-    _checks.check_epsilon(epsilon, "epsilon")
-    for name, value in (
-        ("center", center),
-        ("scale", scale),
-        ("trainable", trainable),
-        ("zero_debias_moving_mean", zero_debias_moving_mean),
-        ("renorm", renorm),
-        ("unbiased_moving_variance", unbiased_moving_variance),
-    ):
-        _check_flag(value, name)
-    if decay is None and zero_debias_moving_mean:
-        raise ValueError(
-            "zero_debias_moving_mean needs an exponential decay; decay=None (the cumulative "
-            "average) is already unbiased."
+
+    decay: float | None = 0.999
+    center: bool = True
+    scale: bool = False
+    epsilon: float = 0.001
+    activation_fn: Callable | None = None
+    param_initializers: Mapping[str, Callable] | None = None
+    param_regularizers: Mapping[str, Callable] | None = None
+    trainable: bool = True
+    fused: bool | None = None
+    data_format: str | None = None
+    axis: int | Sequence[int] | None = None
+    zero_debias_moving_mean: bool = False
+    renorm: bool = False
+    renorm_clipping: Mapping[str, float] | None = None
+    renorm_decay: float = 0.99
+    virtual_batch_size: int | None = None
+    axis_name: Any = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    unbiased_moving_variance: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decay is not None:
+            _checks.check_decay(self.decay, "decay")
+        _checks.check_decay(self.renorm_decay, "renorm_decay")
+        _checks.check_epsilon(self.epsilon, "epsilon")
+        for name in (
+            "center",
+            "scale",
+            "trainable",
+            "zero_debias_moving_mean",
+            "renorm",
+            "unbiased_moving_variance",
+        ):
+            _check_flag(getattr(self, name), name)
+        _checks.check_zero_debias(
+            self.decay, self.zero_debias_moving_mean, "zero_debias_moving_mean"
         )
-    if data_format is not None and data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}.")
-    if data_format is not None and axis is not None:
-        raise ValueError(
-            "Give either data_format (TF1) or axis (flax), not both: they both set the feature "
-            "axis."
-        )
-    if axis is not None:
-        # Checked for its type here; its range depends on the input's rank (call time).
-        _checks.normalize_axes(axis, 64, "axis")
-    if fused not in (None, True, False):
-        raise TypeError(f"fused must be None, True or False, got {fused!r}.")
-    if fused is True and renorm:
-        raise ValueError(
-            "fused=True cannot be combined with renorm=True: batch renormalization has no "
-            "fused op. Use fused=None or False."
-        )
-    if activation_fn is not None and not callable(activation_fn):
-        raise TypeError(f"activation_fn must be callable or None, got {activation_fn!r}.")
-    _check_keys(param_initializers, PARAM_INITIALIZER_KEYS, "param_initializers")
-    _check_keys(param_regularizers, PARAM_REGULARIZER_KEYS, "param_regularizers")
-    _check_keys(renorm_clipping, RENORM_CLIPPING_KEYS, "renorm_clipping")
-    for mapping, name in (
-        (param_initializers, "param_initializers"),
-        (param_regularizers, "param_regularizers"),
-    ):
-        for key, value in (mapping or {}).items():
-            if not callable(value):
-                raise TypeError(f"{name}[{key!r}] must be callable, got {value!r}.")
-    if renorm_clipping is not None and not renorm:
-        raise ValueError("renorm_clipping is given but renorm=False; set renorm=True.")
-    for key, flag, enabled in (("gamma", "scale", scale), ("beta", "center", center)):
-        # An initializer for a parameter the layer does not create would be silently ignored.
-        if key in (param_initializers or {}) and not enabled:
+        data_format, axis, fused = self.data_format, self.axis, self.fused
+        if data_format is not None and data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}.")
+        if data_format is not None and axis is not None:
             raise ValueError(
-                f"param_initializers[{key!r}] is given but {flag}=False, so there is no {key} "
-                f"to initialize; set {flag}=True or drop the initializer."
+                "Give either data_format (TF1) or axis (flax), not both: they both set the feature "
+                "axis."
             )
-    clipping = dict(renorm_clipping or {})
-    rmax, rmin, dmax = (clipping.get(key) for key in ("rmax", "rmin", "dmax"))
-    _checks.check_clipping(
-        rmax, rmin, dmax, names=tuple(f"renorm_clipping[{k!r}]" for k in ("rmax", "rmin", "dmax"))
-    )
-    if virtual_batch_size is not None:
-        virtual_batch_size = _checks.positive_int(virtual_batch_size, "virtual_batch_size")
-    if axis_index_groups is not None and axis_name is None:
-        raise ValueError("axis_index_groups requires axis_name.")
-    groups = _checks.canonical_groups(axis_name, axis_index_groups)
-    if dtype is not None:
-        _checks.check_floating_dtype(dtype, "dtype")
-    _checks.check_floating_dtype(param_dtype, "param_dtype")
-    as_number = lambda v: None if v is None else float(v)
-    return LayerOptions(
-        epsilon=float(epsilon),
-        fused=fused,
-        renorm=bool(renorm),
-        rmax=as_number(rmax),
-        rmin=as_number(rmin),
-        dmax=as_number(dmax),
-        virtual_batch_size=virtual_batch_size,
-        axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
-        axis_index_groups=groups,
-    )
+        if axis is not None:
+            # Checked for its type here; its range depends on the input's rank (call time).
+            _checks.normalize_axes(axis, 64, "axis")
+        if fused not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}.")
+        if fused is True and self.renorm:
+            raise ValueError(
+                "fused=True cannot be combined with renorm=True: batch renormalization has no "
+                "fused op. Use fused=None or False."
+            )
+        if self.activation_fn is not None and not callable(self.activation_fn):
+            raise TypeError(f"activation_fn must be callable or None, got {self.activation_fn!r}.")
+        initializers, regularizers = self.param_initializers, self.param_regularizers
+        _check_keys(initializers, PARAM_INITIALIZER_KEYS, "param_initializers")
+        _check_keys(regularizers, PARAM_REGULARIZER_KEYS, "param_regularizers")
+        _check_keys(self.renorm_clipping, RENORM_CLIPPING_KEYS, "renorm_clipping")
+        for mapping, name in (
+            (initializers, "param_initializers"),
+            (regularizers, "param_regularizers"),
+        ):
+            for key, value in (mapping or {}).items():
+                if not callable(value):
+                    raise TypeError(f"{name}[{key!r}] must be callable, got {value!r}.")
+        if self.renorm_clipping is not None and not self.renorm:
+            raise ValueError("renorm_clipping is given but renorm=False; set renorm=True.")
+        for key, flag in (("gamma", "scale"), ("beta", "center")):
+            # An initializer for a parameter the layer does not create would be silently ignored.
+            if key in (initializers or {}) and not getattr(self, flag):
+                raise ValueError(
+                    f"param_initializers[{key!r}] is given but {flag}=False, so there is no {key} "
+                    f"to initialize; set {flag}=True or drop the initializer."
+                )
+        clipping = dict(self.renorm_clipping or {})
+        _checks.check_clipping(
+            *(clipping.get(key) for key in RENORM_CLIPPING_KEYS),
+            names=tuple(f"renorm_clipping[{k!r}]" for k in RENORM_CLIPPING_KEYS),
+        )
+        virtual_batch_size = self.virtual_batch_size
+        if virtual_batch_size is not None:
+            virtual_batch_size = _checks.positive_int(virtual_batch_size, "virtual_batch_size")
+        axis_name = tuple(self.axis_name) if isinstance(self.axis_name, list) else self.axis_name
+        groups = _checks.canonical_groups(axis_name, self.axis_index_groups)
+        if self.dtype is not None:
+            _checks.check_floating_dtype(self.dtype, "dtype")
+        _checks.check_floating_dtype(self.param_dtype, "param_dtype")
+        freeze = lambda m: None if m is None else _FrozenMapping(m)
+        canonical = {
+            "epsilon": float(self.epsilon),
+            "param_initializers": freeze(initializers),
+            "param_regularizers": freeze(regularizers),
+            "axis": tuple(axis) if isinstance(axis, (list, tuple)) else axis,
+            "renorm_clipping": freeze(
+                None
+                if self.renorm_clipping is None
+                else {k: None if v is None else float(v) for k, v in clipping.items()}
+            ),
+            "virtual_batch_size": virtual_batch_size,
+            "axis_name": axis_name,
+            "axis_index_groups": groups,
+        }
+        for name, value in canonical.items():
+            object.__setattr__(self, name, value)
+
+    def _clipping(self, key: str) -> float | None:
+        return (self.renorm_clipping or {}).get(key)
+
+    @property
+    def rmax(self) -> float | None:
+        return self._clipping("rmax")
+
+    @property
+    def rmin(self) -> float | None:
+        return self._clipping("rmin")
+
+    @property
+    def dmax(self) -> float | None:
+        return self._clipping("dmax")
+
+    def running_rule(self, dtype=None) -> RunningStatisticsUpdate:
+        """The running-statistics rule of these options (`jbn.running`), in `dtype` (None:
+        `statistics_dtype(param_dtype)`)."""
+        return running.running_rule(
+            self.decay,
+            epsilon=self.epsilon,
+            zero_debias_mean=self.zero_debias_moving_mean,
+            unbiased_variance=self.unbiased_moving_variance,
+            renorm=self.renorm,
+            renorm_decay=self.renorm_decay,
+            dtype=running.statistics_dtype(self.param_dtype) if dtype is None else dtype,
+        )
 
 
-# The constructor arguments both modules hand to `layer_options`: its keyword parameters, so the
-# list and the checks cannot drift apart.
-LAYER_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(layer_options).parameters)
+def layer_options(**arguments: Any) -> LayerOptions:
+    """Checks a jbn batch-norm layer's arguments (`LAYER_ARGUMENTS`, by keyword; missing ones
+    take `jbn.BatchNorm`'s defaults) and returns them as `LayerOptions`; errors name the
+    argument (ValueError, TypeError; TypeError for an unknown name)."""
+    return LayerOptions(**arguments)
+
+
+# The layer's arguments, in their order: `LayerOptions`' fields.
+LAYER_ARGUMENTS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LayerOptions))
 
 
 def feature_axes(ndim: int, data_format: str | None, axis) -> tuple[int, ...]:
@@ -436,3 +493,74 @@ def finish(y: jax.Array, output_dtype, activation_fn) -> jax.Array:
     """Casts to the output dtype, then applies `activation_fn` (TF1's Python-level fusion)."""
     y = y.astype(output_dtype)
     return y if activation_fn is None else activation_fn(y)
+
+
+def feature_shape(options: LayerOptions, x) -> tuple[int, ...]:
+    """The shape of the layer's parameters and statistics for input `x` (checked: floating, a
+    rank the options' `data_format`/`axis` accept)."""
+    _checks.check_floating(x, "x")
+    shape = jnp.shape(x)
+    return tuple(shape[a] for a in feature_axes(len(shape), options.data_format, options.axis))
+
+
+def apply(
+    options: LayerOptions,
+    params: Mapping[str, jax.Array | None],
+    statistics: RunningStatistics,
+    x: jax.Array,
+    *,
+    training: bool,
+    batch_weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    update_statistics: bool = True,
+    axes: tuple[int, ...] | None = None,
+) -> tuple[jax.Array, RunningStatistics]:
+    """What a batch-norm layer does, as a pure function: every module reads its variables,
+    calls this, and writes back the statistics.
+
+    Args:
+      options: the layer's checked options.
+      params: `beta` and `gamma` (feature-shaped; a missing or None entry is absent); frozen
+        with `stop_gradient` unless `options.trainable`.
+      statistics: the running statistics (`jbn.running.RunningStatistics`), feature-shaped.
+      x: the input, floating, features where `options.data_format`/`options.axis` say.
+      training: True normalizes with the batch statistics and moves the running ones; False
+        normalizes with the running statistics and returns them unchanged.
+      batch_weights, mask: as in `jbn.BatchNorm.__call__` (training only).
+      update_statistics: False returns `statistics` unchanged in training too (linen's `init`).
+      axes: the feature axes where the caller fixes them (Equinox's one example, channels
+        first, may have no other axis); None: `feature_axes` of the options.
+
+    Returns:
+      `(y, new_statistics)`: `y` of `x`'s shape in `options.dtype` (None: `x`'s dtype), after
+      `options.activation_fn`.
+    """
+    x, output_dtype = prepare_input(x, options.dtype)
+    if axes is None:
+        axes = feature_axes(x.ndim, options.data_format, options.axis)
+    beta, gamma = (params.get(name) for name in ("beta", "gamma"))
+    if not options.trainable:
+        # TF1's trainable=False: frozen parameters, statistics mode unchanged.
+        beta, gamma = (None if p is None else lax.stop_gradient(p) for p in (beta, gamma))
+    if not training:
+        y = inference_forward(
+            x, statistics.mean, statistics.variance, beta, gamma, options.epsilon, axes
+        )
+        return finish(y, output_dtype, options.activation_fn), statistics
+    weights, mask = prepare_weights(x, batch_weights, mask)
+    y, batch = train_forward(
+        x,
+        gamma,
+        beta,
+        options,
+        axes,
+        weights=weights,
+        mask=mask,
+        renorm_mean=statistics.renorm_mean,
+        renorm_stddev=statistics.renorm_stddev,
+    )
+    if update_statistics:
+        statistics = options.running_rule().update(
+            statistics, batch, options.axis_name, options.axis_index_groups
+        )
+    return finish(y, output_dtype, options.activation_fn), statistics

@@ -14,7 +14,6 @@ statistics) with the names mapped by `FLAX_NAMES`, the one table of jbn <-> flax
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -105,15 +104,13 @@ class BatchNorm(nn.Module):
         super().__post_init__()
 
     def _jbn_arguments(self, dtype: Any, axis_name: Any) -> dict[str, Any]:
-        """`jbn.BatchNorm`'s arguments for these flax ones (`layer.LAYER_ARGUMENTS`)."""
-        defaults = {field.name: field.default for field in dataclasses.fields(module.BatchNorm)}
+        """`jbn.BatchNorm`'s arguments for these flax ones (the others keep their defaults)."""
         initializers = {}
         if self.use_scale:
             initializers["gamma"] = self.scale_init
         if self.use_bias:
             initializers["beta"] = self.bias_init
-        arguments = {name: defaults[name] for name in layer.LAYER_ARGUMENTS}
-        arguments.update(
+        return dict(
             decay=self.momentum,
             center=self.use_bias,
             scale=self.use_scale,
@@ -125,7 +122,6 @@ class BatchNorm(nn.Module):
             dtype=dtype,
             param_dtype=self.param_dtype,
         )
-        return arguments
 
     @nn.compact
     def __call__(

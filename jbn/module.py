@@ -1,9 +1,9 @@
 """`jbn.BatchNorm`: a Flax linen module with the arguments of TF1's `tf.contrib.layers.batch_norm`.
 
-The module owns variables and modes only; the argument checks and the choice of core op are in
-`jbn.layer`, every formula in the core (`jbn.layer.train_forward` over `fused_batch_norm`,
-`ghost_batch_norm`, `batch_renorm`, `batch_normalization`; `jbn.running` for the moving
-statistics).
+The module owns variables and modes only: its fields are checked once into a
+`jbn.layer.LayerOptions`, and each call reads the variables, runs the pure `jbn.layer.apply`
+(every formula in the core, `jbn.running` for the moving statistics) and writes the statistics
+back.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ __all__ = ["BatchNorm"]
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Regularizer = Callable[[jax.Array], jax.Array]
 STATS_DTYPE = running.STATS_DTYPE
+# The defaults of the layer's arguments, declared once, in `jbn.layer.LayerOptions`.
+_DEFAULTS = layer.LayerOptions()
 
 
 class BatchNorm(nn.Module):
@@ -156,53 +158,47 @@ class BatchNorm(nn.Module):
         matters for small batches (pytorch#19902).
     """
 
-    decay: float | None = 0.999
-    center: bool = True
-    scale: bool = False
-    epsilon: float = 0.001
-    activation_fn: Callable[[jax.Array], jax.Array] | None = None
-    param_initializers: Mapping[str, Initializer] | None = None
-    param_regularizers: Mapping[str, Regularizer] | None = None
+    decay: float | None = _DEFAULTS.decay
+    center: bool = _DEFAULTS.center
+    scale: bool = _DEFAULTS.scale
+    epsilon: float = _DEFAULTS.epsilon
+    activation_fn: Callable[[jax.Array], jax.Array] | None = _DEFAULTS.activation_fn
+    param_initializers: Mapping[str, Initializer] | None = _DEFAULTS.param_initializers
+    param_regularizers: Mapping[str, Regularizer] | None = _DEFAULTS.param_regularizers
     is_training: bool | None = None
-    trainable: bool = True
-    fused: bool | None = None
-    data_format: str | None = None
-    axis: int | Sequence[int] | None = None
-    zero_debias_moving_mean: bool = False
-    renorm: bool = False
-    renorm_clipping: Mapping[str, float] | None = None
-    renorm_decay: float = 0.99
-    virtual_batch_size: int | None = None
-    axis_name: Any = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    unbiased_moving_variance: bool = False
+    trainable: bool = _DEFAULTS.trainable
+    fused: bool | None = _DEFAULTS.fused
+    data_format: str | None = _DEFAULTS.data_format
+    axis: int | Sequence[int] | None = _DEFAULTS.axis
+    zero_debias_moving_mean: bool = _DEFAULTS.zero_debias_moving_mean
+    renorm: bool = _DEFAULTS.renorm
+    renorm_clipping: Mapping[str, float] | None = _DEFAULTS.renorm_clipping
+    renorm_decay: float = _DEFAULTS.renorm_decay
+    virtual_batch_size: int | None = _DEFAULTS.virtual_batch_size
+    axis_name: Any = _DEFAULTS.axis_name
+    axis_index_groups: Sequence[Sequence[int]] | None = _DEFAULTS.axis_index_groups
+    dtype: Any = _DEFAULTS.dtype
+    param_dtype: Any = _DEFAULTS.param_dtype
+    unbiased_moving_variance: bool = _DEFAULTS.unbiased_moving_variance
 
     # Variable names as stored, for jbn's names (the identity here): `jbn.linen.BatchNorm`, the
     # flax-named drop-in, stores the same variables under flax's names.
     variable_names: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
-        # Constructor arguments are checked here, so a bad TF1 port fails where it is written.
-        self._options()
+        # Constructor arguments are checked here, once, so a bad TF1 port fails where it is
+        # written; the checked options are kept for the calls.
+        options = layer.LayerOptions(
+            **{name: getattr(self, name) for name in layer.LAYER_ARGUMENTS}
+        )
+        object.__setattr__(self, "_layer_options", options)
         if self.is_training is not None:
             _checks.as_bool(self.is_training, "is_training")
         super().__post_init__()
 
     def _options(self) -> layer.LayerOptions:
-        return layer.layer_options(**{name: getattr(self, name) for name in layer.LAYER_ARGUMENTS})
-
-    def _running_rule(self) -> running.RunningStatisticsUpdate:
-        return running.running_statistics(
-            self.decay,
-            epsilon=self.epsilon,
-            zero_debias_mean=self.zero_debias_moving_mean,
-            unbiased_variance=self.unbiased_moving_variance,
-            renorm=self.renorm,
-            renorm_decay=self.renorm_decay,
-            dtype=running.statistics_dtype(self.param_dtype),
-        )
+        """The checked options (`jbn.layer.LayerOptions`) of this module's fields."""
+        return self._layer_options
 
     @nn.compact
     def __call__(
@@ -243,48 +239,34 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_is_training(is_training)
         options = self._options()
-        x, output_dtype = layer.prepare_input(x, self.dtype)
-        axes = layer.feature_axes(x.ndim, self.data_format, self.axis)
-        feature_shape = tuple(x.shape[a] for a in axes)
-
-        beta, gamma = self._affine_params(feature_shape)
+        x = jnp.asarray(x)
+        feature_shape = layer.feature_shape(options, x)
+        params = self._affine_params(feature_shape)
         variables = self._statistics_variables(feature_shape)
         state = running.RunningStatistics(
             **{field: variable.value for field, variable in variables.items()}
         )
-
-        if not training:
-            y = layer.inference_forward(
-                x, state.mean, state.variance, beta, gamma, self.epsilon, axes
-            )
-            return layer.finish(y, output_dtype, self.activation_fn)
-
-        if not self.is_mutable_collection("batch_stats"):
+        if training and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
                 "jbn.BatchNorm is in training mode (is_training=True), which updates the moving "
                 "statistics in the 'batch_stats' collection, but that collection is immutable. "
                 "Pass mutable=['batch_stats'] to apply() (and use the returned updates), or "
                 "is_training=False to normalize with the moving statistics."
             )
-        weights, mask = layer.prepare_weights(x, batch_weights, mask)
-        y, batch = layer.train_forward(
-            x,
-            gamma,
-            beta,
+        y, new_state = layer.apply(
             options,
-            axes,
-            weights=weights,
+            params,
+            state,
+            x,
+            training=training,
+            batch_weights=batch_weights,
             mask=mask,
-            renorm_mean=state.renorm_mean,
-            renorm_stddev=state.renorm_stddev,
+            update_statistics=not self.is_initializing(),
         )
-        if not self.is_initializing():
-            new_state = self._running_rule().update(
-                state, batch, options.axis_name, options.axis_index_groups
-            )
+        if training and not self.is_initializing():
             for field, variable in variables.items():
                 variable.value = getattr(new_state, field)
-        return layer.finish(y, output_dtype, self.activation_fn)
+        return y
 
     # ----------------------------------------------------------------------------------------
     # Modes and variables.
@@ -298,12 +280,12 @@ class BatchNorm(nn.Module):
             )
         return _checks.as_bool(value, "is_training")
 
-    def _affine_params(self, feature_shape: tuple[int, ...]):
+    def _affine_params(self, feature_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+        """`beta` and `gamma` (those enabled), created on first use; sows their regularizers."""
         regularizers = self.param_regularizers or {}
         values = {}
         for name, enabled in (("beta", self.center), ("gamma", self.scale)):
             if not enabled:
-                values[name] = None
                 continue
             value = self.param(
                 self.variable_names.get(name, name),
@@ -311,18 +293,17 @@ class BatchNorm(nn.Module):
                 feature_shape,
                 self.param_dtype,
             )
-            if not self.trainable:
-                # TF1's trainable=False: frozen parameters, statistics mode unchanged.
-                value = lax.stop_gradient(value)
             if name in regularizers and not self.is_initializing():
                 # Skipped in init so that the losses collection does not leak into variables.
-                self.sow("losses", f"{name}_regularization", regularizers[name](value))
+                # A frozen parameter (trainable=False) gets no gradient from its loss either.
+                frozen = value if self.trainable else lax.stop_gradient(value)
+                self.sow("losses", f"{name}_regularization", regularizers[name](frozen))
             values[name] = value
-        return values["beta"], values["gamma"]
+        return values
 
     def _statistics_variables(self, feature_shape: tuple[int, ...]) -> dict[str, Any]:
         """One `batch_stats` variable per field of the running state, keyed by field."""
-        rule = self._running_rule()
+        rule = self._options().running_rule()
         rule_dtype = running.statistics_dtype(self.param_dtype)
         initial = {}
 

@@ -33,6 +33,7 @@ tests/test_docstrings.py):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,9 @@ __all__ = [
     "replace_flax_batch_norm",
     "to_linen_variables",
 ]
+
+# The defaults of the layer's arguments, declared once, in `jbn.layer.LayerOptions`.
+_DEFAULTS = layer.LayerOptions()
 
 
 class BatchNorm(nnx.Module):
@@ -84,34 +88,54 @@ class BatchNorm(nnx.Module):
         self,
         num_features: int | Sequence[int],
         *,
-        decay: float | None = 0.999,
-        center: bool = True,
-        scale: bool = False,
-        epsilon: float = 0.001,
-        activation_fn: Callable[[jax.Array], jax.Array] | None = None,
-        param_initializers: Mapping[str, Callable] | None = None,
-        param_regularizers: Mapping[str, Callable] | None = None,
+        decay: float | None = _DEFAULTS.decay,
+        center: bool = _DEFAULTS.center,
+        scale: bool = _DEFAULTS.scale,
+        epsilon: float = _DEFAULTS.epsilon,
+        activation_fn: Callable[[jax.Array], jax.Array] | None = _DEFAULTS.activation_fn,
+        param_initializers: Mapping[str, Callable] | None = _DEFAULTS.param_initializers,
+        param_regularizers: Mapping[str, Callable] | None = _DEFAULTS.param_regularizers,
         use_running_average: bool | None = False,
-        trainable: bool = True,
-        fused: bool | None = None,
-        data_format: str | None = None,
-        axis: int | Sequence[int] | None = None,
-        zero_debias_moving_mean: bool = False,
-        renorm: bool = False,
-        renorm_clipping: Mapping[str, float] | None = None,
-        renorm_decay: float = 0.99,
-        virtual_batch_size: int | None = None,
-        axis_name: Any = None,
-        axis_index_groups: Sequence[Sequence[int]] | None = None,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        unbiased_moving_variance: bool = False,
+        trainable: bool = _DEFAULTS.trainable,
+        fused: bool | None = _DEFAULTS.fused,
+        data_format: str | None = _DEFAULTS.data_format,
+        axis: int | Sequence[int] | None = _DEFAULTS.axis,
+        zero_debias_moving_mean: bool = _DEFAULTS.zero_debias_moving_mean,
+        renorm: bool = _DEFAULTS.renorm,
+        renorm_clipping: Mapping[str, float] | None = _DEFAULTS.renorm_clipping,
+        renorm_decay: float = _DEFAULTS.renorm_decay,
+        virtual_batch_size: int | None = _DEFAULTS.virtual_batch_size,
+        axis_name: Any = _DEFAULTS.axis_name,
+        axis_index_groups: Sequence[Sequence[int]] | None = _DEFAULTS.axis_index_groups,
+        dtype: Any = _DEFAULTS.dtype,
+        param_dtype: Any = _DEFAULTS.param_dtype,
+        unbiased_moving_variance: bool = _DEFAULTS.unbiased_moving_variance,
         rngs: nnx.Rngs,
     ):
-        arguments = dict(locals())  # before any other name is bound: the constructor's arguments
-        self.options = nnx.static(
-            layer.layer_options(**{name: arguments[name] for name in layer.LAYER_ARGUMENTS})
+        options = layer.LayerOptions(
+            decay=decay,
+            center=center,
+            scale=scale,
+            epsilon=epsilon,
+            activation_fn=activation_fn,
+            param_initializers=param_initializers,
+            param_regularizers=param_regularizers,
+            trainable=trainable,
+            fused=fused,
+            data_format=data_format,
+            axis=axis,
+            zero_debias_moving_mean=zero_debias_moving_mean,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_decay=renorm_decay,
+            virtual_batch_size=virtual_batch_size,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            unbiased_moving_variance=unbiased_moving_variance,
         )
+        self.options = nnx.static(options)
         if use_running_average is not None:
             _checks.as_bool(use_running_average, "use_running_average")
         feature_shape = (
@@ -120,15 +144,6 @@ class BatchNorm(nnx.Module):
             else tuple(_checks.positive_int(n, "num_features") for n in num_features)
         )
         self.feature_shape = feature_shape
-        self.decay, self.renorm_decay = decay, renorm_decay  # epsilon lives in self.options
-        self.zero_debias_moving_mean = zero_debias_moving_mean
-        self.unbiased_moving_variance = unbiased_moving_variance
-        self.renorm = renorm
-        self.data_format, self.axis = data_format, axis
-        self.activation_fn = activation_fn
-        self.param_regularizers = dict(param_regularizers or {})
-        self.trainable = trainable
-        self.dtype, self.param_dtype = dtype, param_dtype
         self.use_running_average = use_running_average
 
         for name, enabled in (("beta", center), ("gamma", scale)):
@@ -138,7 +153,7 @@ class BatchNorm(nnx.Module):
                 value = nnx.Param(init(rngs.params(), feature_shape, param_dtype))
             setattr(self, name, value if enabled else nnx.data(None))
         stats_dtype = running.statistics_dtype(param_dtype)
-        state = self._rule().init(
+        state = options.running_rule().init(
             layer.initial_statistic(
                 param_initializers, "moving_mean", rngs.params, feature_shape, stats_dtype
             ),
@@ -157,8 +172,17 @@ class BatchNorm(nnx.Module):
 
     @epsilon.setter
     def epsilon(self, value: float) -> None:
-        _checks.check_epsilon(value, "epsilon")
-        self.options = nnx.static(self.options._replace(epsilon=float(value)))
+        self.options = nnx.static(dataclasses.replace(self.options, epsilon=value))
+
+    @property
+    def decay(self) -> float | None:
+        """The moving averages' decay; assigning a new value checks it and the next call uses
+        it."""
+        return self.options.decay
+
+    @decay.setter
+    def decay(self, value: float | None) -> None:
+        self.options = nnx.static(dataclasses.replace(self.options, decay=value))
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
@@ -170,17 +194,6 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = _checks.as_bool(use_running_average, "use_running_average")
 
-    def _rule(self) -> running.RunningStatisticsUpdate:
-        return running.running_statistics(
-            self.decay,
-            epsilon=self.epsilon,
-            zero_debias_mean=self.zero_debias_moving_mean,
-            unbiased_variance=self.unbiased_moving_variance,
-            renorm=self.renorm,
-            renorm_decay=self.renorm_decay,
-            dtype=running.statistics_dtype(self.param_dtype),
-        )
-
     def _statistics(self) -> dict[str, nnx.BatchStat]:
         """The running-statistics variables, keyed by `RunningStatistics` field."""
         return {
@@ -189,20 +202,14 @@ class BatchNorm(nnx.Module):
             if isinstance(getattr(self, name, None), nnx.BatchStat)
         }
 
-    def _params(self) -> tuple[jax.Array | None, jax.Array | None]:
-        values = []
-        for param in (self.beta, self.gamma):
-            value = None if param is None else param[...]
-            if value is not None and not self.trainable:
-                # TF1's trainable=False: frozen parameters, statistics mode unchanged.
-                value = lax.stop_gradient(value)
-            values.append(value)
-        return values[0], values[1]
+    @staticmethod
+    def _param(param: nnx.Param | None) -> jax.Array | None:
+        return None if param is None else param[...]
 
     def regularization_loss(self) -> jax.Array:
         """Sum of `param_regularizers` applied to `beta`/`gamma` (0.0 without any)."""
         total = jnp.zeros((), jnp.float32)
-        for name, regularizer in self.param_regularizers.items():
+        for name, regularizer in (self.options.param_regularizers or {}).items():
             param = getattr(self, name)
             if param is not None:
                 total = total + regularizer(param[...])
@@ -234,39 +241,36 @@ class BatchNorm(nnx.Module):
                 "constructor, or to the call."
             )
         training = not _checks.as_bool(value, "use_running_average")
-        options = self.options
-        x, output_dtype = layer.prepare_input(x, self.dtype)
-        axes = layer.feature_axes(x.ndim, self.data_format, self.axis)
-        feature_shape = tuple(x.shape[a] for a in axes)
+        x = jnp.asarray(x)
+        feature_shape = layer.feature_shape(self.options, x)
         if feature_shape != self.feature_shape:
             raise ValueError(
-                f"x has features of shape {feature_shape} along axis {axes}, but the layer was "
-                f"built with num_features={self.feature_shape}."
+                f"x of shape {x.shape} has features of shape {feature_shape}, but the layer "
+                f"was built with num_features={self.feature_shape}."
             )
-        beta, gamma = self._params()
+        params = {"beta": self._param(self.beta), "gamma": self._param(self.gamma)}
         variables = self._statistics()
         state = running.RunningStatistics(**{k: v[...] for k, v in variables.items()})
-        if not training:
-            y = layer.inference_forward(
-                x, state.mean, state.variance, beta, gamma, options.epsilon, axes
-            )
-            return layer.finish(y, output_dtype, self.activation_fn)
-        weights, mask = layer.prepare_weights(x, batch_weights, mask)
-        y, batch = layer.train_forward(
+        y, new_state = layer.apply(
+            self.options,
+            params,
+            state,
             x,
-            gamma,
-            beta,
-            options,
-            axes,
-            weights=weights,
+            training=training,
+            batch_weights=batch_weights,
             mask=mask,
-            renorm_mean=state.renorm_mean,
-            renorm_stddev=state.renorm_stddev,
         )
-        new_state = self._rule().update(state, batch, options.axis_name, options.axis_index_groups)
-        for field, variable in variables.items():
-            variable[...] = lax.stop_gradient(getattr(new_state, field))
-        return layer.finish(y, output_dtype, self.activation_fn)
+        if training:
+            for field, variable in variables.items():
+                variable[...] = lax.stop_gradient(getattr(new_state, field))
+        return y
+
+
+# The other arguments read back from the options (read-only: a built layer's variables follow
+# them).
+for _name in layer.LAYER_ARGUMENTS:
+    if not hasattr(BatchNorm, _name):
+        setattr(BatchNorm, _name, property(lambda self, name=_name: getattr(self.options, name)))
 
 
 def regularization_loss(model: nnx.Module) -> jax.Array:

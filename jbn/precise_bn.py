@@ -61,6 +61,7 @@ model's `batch_stats` with the new statistics) and the driver `recalibrate_stati
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -199,14 +200,20 @@ def _jbn_statistics(module: BatchNorm, args, kwargs) -> tuple[BatchStatistics, L
             f"{'/'.join(module.path) or '(root)'} was called with is_training=False; make "
             "apply_fn call it with is_training=True (and mutable=['batch_stats'])."
         )
-    options = layer.layer_options(**{name: getattr(module, name) for name in layer.LAYER_ARGUMENTS})
+    options = module._options()
     x, _ = layer.prepare_input(call["x"], module.dtype)
     axes = layer.feature_axes(x.ndim, module.data_format, module.axis)
     weights, mask = layer.prepare_weights(x, call["batch_weights"], call["mask"])
     # Renorm normalizes with the same batch moments (then corrects them): the plain forward
     # gives them without the correction statistics.
     _, batch = layer.train_forward(
-        x, None, None, options._replace(renorm=False), axes, weights=weights, mask=mask
+        x,
+        None,
+        None,
+        dataclasses.replace(options, renorm=False, renorm_clipping=None),
+        axes,
+        weights=weights,
+        mask=mask,
     )
     info = LayerInfo(
         "jbn",

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn import _checks
-from jbn.averages import MovingAverageState, moving_average
+from jbn.averages import MovingAverageState, unchecked_moving_average
 
 __all__ = [
     "VARIABLE_NAMES",
@@ -55,6 +55,7 @@ __all__ = [
     "RunningStatisticsUpdate",
     "bessel_correction",
     "pool_statistics",
+    "running_rule",
     "running_statistics",
     "statistics_dtype",
 ]
@@ -188,14 +189,33 @@ def running_statistics(
     _checks.check_decay(renorm_decay, "renorm_decay")
     epsilon = _checks.static_epsilon(epsilon, "epsilon")
     _checks.check_floating_dtype(dtype, "dtype")
-    if decay is None and zero_debias_mean:
-        raise ValueError(
-            "zero_debias_moving_mean needs an exponential decay; decay=None is already unbiased."
-        )
+    _checks.check_zero_debias(decay, zero_debias_mean, "zero_debias_mean")
+    return running_rule(
+        decay,
+        epsilon=epsilon,
+        zero_debias_mean=zero_debias_mean,
+        unbiased_variance=unbiased_variance,
+        renorm=renorm,
+        renorm_decay=renorm_decay,
+        dtype=dtype,
+    )
+
+
+def running_rule(
+    decay: float | None,
+    *,
+    epsilon: float,
+    zero_debias_mean: bool,
+    unbiased_variance: bool,
+    renorm: bool,
+    renorm_decay: float,
+    dtype,
+) -> RunningStatisticsUpdate:
+    """`running_statistics` for arguments its caller has checked (`jbn.layer.LayerOptions`)."""
     counts_updates = zero_debias_mean or decay is None
-    average = moving_average(decay, zero_debias=zero_debias_mean)
-    plain_average = moving_average(decay)
-    renorm_average = moving_average(renorm_decay)
+    average = unchecked_moving_average(decay, zero_debias_mean)
+    plain_average = unchecked_moving_average(decay, False)
+    renorm_average = unchecked_moving_average(renorm_decay, False)
 
     def init(mean: jax.Array, variance: jax.Array) -> RunningStatistics:
         mean = jnp.asarray(mean, dtype)

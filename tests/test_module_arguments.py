@@ -193,3 +193,18 @@ def test_ghost_batches_of_one_value_per_feature_are_refused():
     variables = ghost.init(jax.random.key(0), x, is_training=False)
     with pytest.raises(ValueError, match="one per ghost batch of virtual_batch_size=1"):
         ghost.apply(variables, x, is_training=True, mutable=["batch_stats"])
+
+
+def test_layer_options_checks_any_subset_of_the_arguments_with_the_modules_defaults():
+    # The one call that validates a layer's arguments without building a layer (train/ checks
+    # its config with it): missing arguments take jbn.BatchNorm's defaults.
+    options = jbn.layer.layer_options(decay=0.9, renorm=True, renorm_clipping={"rmax": 3.0})
+    assert (options.decay, options.renorm, options.rmax, options.rmin) == (0.9, True, 3.0, None)
+    defaults = jbn.BatchNorm()
+    for name in jbn.layer.LAYER_ARGUMENTS:
+        if name not in ("decay", "renorm", "renorm_clipping"):
+            assert getattr(options, name) == getattr(defaults, name), name
+    with pytest.raises(ValueError, match="zero_debias_moving_mean"):
+        jbn.layer.layer_options(decay=None, zero_debias_moving_mean=True)
+    with pytest.raises(TypeError, match="momentum"):
+        jbn.layer.layer_options(momentum=0.9)

@@ -426,6 +426,17 @@ def test_assigned_epsilon_is_used_and_checked():
     assert model.epsilon == 4.0
 
 
+def test_assigned_decay_is_checked_at_once_and_used():
+    x = random_batches((8, 3), steps=1)[0]
+    model = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    for bad, error in ((1.5, ValueError), ("0.9", TypeError)):
+        with pytest.raises(error, match="decay"):
+            model.decay = bad
+    model.decay = 0.5
+    model(x)
+    np.testing.assert_allclose(model.moving_mean[...], 0.5 * x.mean(0), rtol=1e-6, atol=1e-7)
+
+
 class FlaxNet(nnx.Module):
     def __init__(self, rngs):
         self.linear = nnx.Linear(3, 3, rngs=rngs)
