@@ -16,8 +16,6 @@ sees a 2x2 map and yields one value per channel.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -151,16 +149,6 @@ def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]
     return kwargs
 
 
-# jbn.BatchNorm's defaults of the arguments `jbn.layer.layer_options` checks, for those the
-# config does not set.
-_LAYER_DEFAULTS = {
-    field.name: field.default
-    for field in dataclasses.fields(jbn.BatchNorm)
-    if field.name in inspect.signature(jbn.layer.layer_options).parameters
-    and field.default is not dataclasses.MISSING
-}
-
-
 def check_batch_norm_config(model_config: ml_collections.ConfigDict) -> None:
     """Lets jbn check the batch norm arguments of the `model` sub-config, building no layer.
 
@@ -169,7 +157,7 @@ def check_batch_norm_config(model_config: ml_collections.ConfigDict) -> None:
         argument ('model.batch_norm: decay must be in [0, 1), got 1.0.').
     """
     try:
-        jbn.layer.layer_options(**{**_LAYER_DEFAULTS, **batch_norm_kwargs(model_config)})
+        jbn.layer.layer_options(**batch_norm_kwargs(model_config))
     except (TypeError, ValueError) as error:
         raise type(error)(f"model.batch_norm: {error}") from None
 
