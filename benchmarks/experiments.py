@@ -359,6 +359,21 @@ def table(runs: dict, findings: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_overrides(parser: argparse.ArgumentParser, assignments: list[str]) -> dict[str, object]:
+    """`--set FIELD=VALUE` assignments as config overrides: values read as Python literals,
+    anything else (e.g. a path) kept as a string; a malformed one is the parser's error."""
+    overrides: dict[str, object] = {}
+    for assignment in assignments:
+        field, separator, value = assignment.partition("=")
+        if not separator:
+            parser.error(f"--set expects FIELD=VALUE, got {assignment!r}")
+        try:
+            overrides[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[field] = value  # a bare string such as a path
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
@@ -372,14 +387,7 @@ def main() -> None:
         help="override a config field of every run, e.g. --set dataset.data_dir=/data/fmnist",
     )
     args = parser.parse_args()
-    for assignment in args.set:
-        field, separator, value = assignment.partition("=")
-        if not separator:
-            parser.error(f"--set expects FIELD=VALUE, got {assignment!r}")
-        try:
-            BASE_OVERRIDES[field] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            BASE_OVERRIDES[field] = value  # a bare string such as a path
+    BASE_OVERRIDES.update(parse_overrides(parser, args.set))
     experiment = EXPERIMENTS[args.experiment]
     out = pathlib.Path(args.out) / args.experiment
     os.makedirs(out, exist_ok=True)

@@ -16,7 +16,6 @@ recalibration is deterministic, so a rerun recomputes the same table.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import os
 import pathlib
@@ -137,15 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         help="config override for every run (Python literal), e.g. --set batch_size=64",
     )
     args = parser.parse_args(argv)
-    overrides = {}
-    for assignment in args.set:
-        field, separator, value = assignment.partition("=")
-        if not separator:
-            parser.error(f"--set expects FIELD=VALUE, got {assignment!r}")
-        try:
-            overrides[field] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[field] = value  # a bare string such as a path
+    overrides = experiments.parse_overrides(parser, args.set)
     workdirs = train_runs(args.epochs, args.out, overrides)
     if args.train_only:
         return
