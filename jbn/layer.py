@@ -17,7 +17,12 @@ import numpy as np
 from jax import lax
 
 from jbn import _checks, running
-from jbn.normalization import batch_normalization, fused_batch_norm, ghost_batch_norm
+from jbn.normalization import (
+    batch_normalization,
+    fused_batch_norm,
+    ghost_batch_norm,
+    ghost_view,
+)
 from jbn.renorm import batch_renorm
 from jbn.running import STATS_DTYPE, BatchStatistics, RunningStatistics, RunningStatisticsUpdate
 from jbn.stats import statistics
@@ -401,10 +406,8 @@ def train_forward(
     else:
         # Ghost batches become a leading axis that, like the features, is not reduced; their
         # statistics are local by definition (only the running update is merged).
-        ghost_shape = (batch // ghost_size, ghost_size, *x.shape[1:])
-        work_x, work_axes = x.reshape(ghost_shape), (0, *(a + 1 for a in axes))
-        regroup = lambda v: None if v is None else jnp.broadcast_to(v, x.shape).reshape(ghost_shape)
-        work_mask, work_weights = regroup(mask), regroup(weights)
+        regroup, work_axes = ghost_view(x.shape, ghost_size, axes)
+        work_x, work_mask, work_weights = regroup(x), regroup(mask), regroup(weights)
         axis_name, groups = None, None
     stats_shape = tuple(work_x.shape[a] for a in work_axes)
     per_stat = lambda v: None if v is None else jnp.broadcast_to(v, stats_shape)

@@ -15,7 +15,7 @@ walk back through every intermediate of the statistics.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from jax import lax
 from jbn import _checks
 from jbn.stats import accumulation_dtype, counted_values, statistics
 
-__all__ = ["batch_normalization", "fused_batch_norm", "ghost_batch_norm"]
+__all__ = ["batch_normalization", "fused_batch_norm", "ghost_batch_norm", "ghost_view"]
 
 
 def batch_normalization(
@@ -298,6 +298,24 @@ def fused_batch_norm(
     return (*outputs, count.reshape(feature_shape)) if return_count else outputs
 
 
+def ghost_view(
+    x_shape: tuple[int, ...], virtual_batch_size: int, feature_axes: tuple[int, ...]
+) -> tuple[Callable, tuple[int, ...]]:
+    """Ghost batches as a leading axis: `(regroup, ghost_feature_axes)`.
+
+    `regroup(value)` reshapes `x` (or a mask or weights broadcastable to it; None stays None)
+    from `(B, ...)` to `(B // virtual_batch_size, virtual_batch_size, ...)`; in that shape
+    axis 0 indexes the ghost batches and, like the features (`ghost_feature_axes`), is not
+    reduced. Reshape the output back with `x_shape`. Arguments are the caller's, checked.
+    """
+    ghost_shape = (x_shape[0] // virtual_batch_size, virtual_batch_size, *x_shape[1:])
+
+    def regroup(value):
+        return None if value is None else jnp.broadcast_to(value, x_shape).reshape(ghost_shape)
+
+    return regroup, (0, *(a + 1 for a in feature_axes))
+
+
 def ghost_batch_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
@@ -333,18 +351,13 @@ def ghost_batch_norm(
     batch = x.shape[0]
     _checks.check_ghost_batches(batch, virtual_batch_size, feature_axes)
     _checks.check_several_values(x.shape, feature_axes, None, virtual_batch_size)
-    groups = batch // virtual_batch_size
-    ghost_shape = (groups, virtual_batch_size, *x.shape[1:])
-    ghost_x = x.reshape(ghost_shape)
-    # Axis 0 now indexes ghost batches: a feature-like axis that is not reduced.
-    kept = {0} | {a + 1 for a in feature_axes}
+    regroup, kept = ghost_view(x.shape, virtual_batch_size, feature_axes)
+    ghost_x = regroup(x)
     reduce_axes = tuple(a for a in range(ghost_x.ndim) if a not in kept)
     expand = lambda p: None if p is None else p[None]
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, x.shape).reshape(ghost_shape)
     y, mean, variance, count = _train_normalize(
-        ghost_x, expand(scale), expand(offset), mask, reduce_axes, epsilon, None, None
+        ghost_x, expand(scale), expand(offset), regroup(mask), reduce_axes, epsilon, None, None
     )
-    stats_shape = (groups, *(x.shape[a] for a in feature_axes))
+    stats_shape = tuple(ghost_x.shape[a] for a in kept)
     outputs = (y.reshape(x.shape), mean.reshape(stats_shape), variance.reshape(stats_shape))
     return (*outputs, count.reshape(stats_shape)) if return_count else outputs
