@@ -198,21 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
     workdir = workdirs.resolve(args.workdir)
-    try:
-        # Exclusive, as a training run: a run writing the workdir would race with the restore,
-        # and two recalibrations with each other's DIR/recalibrated.
-        with workdirs.lock(workdir):
-            info = recalibrate_run(workdir, args.batches, args.step, args.variance)
-    except (
-        export.ExportError,
-        checkpoints.CheckpointError,
-        data.DataError,
-        workdirs.WorkdirBusy,
-    ) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    except OSError as error:
-        print(f"error: cannot write the recalibrated checkpoint: {error}", file=sys.stderr)
+    # Exclusive, as a training run: a run writing the workdir would race with the restore, and
+    # two recalibrations with each other's DIR/recalibrated.
+    info = workdirs.run_locked(
+        workdir,
+        lambda: recalibrate_run(workdir, args.batches, args.step, args.variance),
+        shared=False,
+        errors=(export.ExportError, checkpoints.CheckpointError, data.DataError),
+        os_error="cannot write the recalibrated checkpoint",
+    )
+    if info is None:
         return USAGE_ERROR
     print(_describe(info, workdir))
     return 0
