@@ -171,9 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.recalibrate",
         description="Recompute the batch-norm statistics of a trained run for its final weights "
-        "(Precise BN) and re-evaluate it.",
+        "(Precise BN) and re-evaluate it. Writes DIR/recalibrated/ (the checkpoint with the new "
+        "statistics, its config, and recalibration.json with both test accuracies), replacing an "
+        "earlier recalibration; export it with python -m train.export --workdir "
+        "DIR/recalibrated. Exit status: 0 recalibrated, 2 an error (one error: line).",
     )
-    parser.add_argument("--workdir", required=True, help="the run's directory")
+    parser.add_argument(
+        "--workdir", required=True, metavar="DIR", help="the run's directory (its --workdir)"
+    )
     parser.add_argument(
         "--batches",
         type=int,
