@@ -29,6 +29,7 @@ extensions = [
     "sphinx_copybutton",
     "sphinx_design",
     "coverage_check",
+    "formula_blocks",
 ]
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md"]

@@ -8,9 +8,12 @@ building the docs and deselects them with `-m "not docs"`. The browser tests nee
 say so, except where JBN_REQUIRE_BROWSER=1 (CI's first leg) makes that a failure.
 """
 
+import html
 import html.parser
+import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import urllib.parse
 
@@ -107,6 +110,69 @@ def test_broken_links_are_found(tmp_path):
         "index.html -> missing.html",
         "index.html -> a.html#nowhere (no such anchor)",
     ]
+
+
+def _formula_blocks():
+    """docs/_ext/formula_blocks.py, the build's extension, as a module."""
+    path = SITE.parents[1] / "_ext" / "formula_blocks.py"
+    spec = importlib.util.spec_from_file_location("formula_blocks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstring_formulas_are_code_blocks(site):
+    """An indented formula below a docstring's 'text:' is a code block, line for line: no API
+    page has a block quote (which joins the lines into one paragraph)."""
+    pages = sorted((site / "api").rglob("*.html"))
+    assert len(pages) > 20
+    quoting = [str(p.relative_to(site)) for p in pages if "<blockquote" in p.read_text("utf-8")]
+    assert quoting == []
+    page = (site / "api" / "_autosummary" / "jbn.fused_batch_norm.html").read_text("utf-8")
+    blocks = [
+        html.unescape(re.sub(r"<[^>]*>", "", block))
+        for block in re.findall(r"<pre>(.*?)</pre>", page, flags=re.S)
+    ]
+    assert any(
+        "\ny = (x - mean) / sqrt(var + epsilon) * scale + offset" in block for block in blocks
+    ), blocks
+
+
+def test_formula_blocks_leaves_markup_and_code_alone():
+    lines = [
+        "The update, per feature:",
+        "",
+        "    y = a * x,    z = b",
+        "",
+        "Code::",
+        "",
+        "    def f(x):",
+        "",
+        "        return x",
+        "",
+        "A list:",
+        "",
+        "  - one",
+        "",
+        "An example:",
+        "",
+        "    >>> f(1)",
+        "    1",
+        "",
+        ">>> f(2)",
+        "2",
+        "",
+        "    2",
+        "",
+        "A sentence.",
+        "",
+        "    y = f(x)",
+    ]
+    expected = lines.copy()
+    expected[0] = "The update, per feature::"
+    expected[-3] = "A sentence. ::"
+    _formula_blocks().mark_literal_blocks(lines)
+    assert lines == expected
 
 
 @pytest.fixture(scope="module")

@@ -439,22 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.set_verbosity(logging.WARNING)
     workdir = workdirs.resolve(args.workdir)
-    try:
-        # Refused while a training run holds the workdir: its checkpoint may be deleted under
-        # the export (max_to_keep), and a model of a moving run is rarely the one wanted. A
-        # SIGINT stops the run with a checkpoint to export; rerunning it resumes.
-        with workdirs.lock(workdir, shared=True):
-            info = export_run(workdir)
-    except (
-        ExportError,
-        checkpoints.CheckpointError,
-        data.DataError,
-        workdirs.WorkdirBusy,
-    ) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    except OSError as error:
-        print(f"error: cannot write the export: {error}", file=sys.stderr)
+    # Refused while a training run holds the workdir: its checkpoint may be deleted under the
+    # export (max_to_keep), and a model of a moving run is rarely the one wanted. A SIGINT
+    # stops the run with a checkpoint to export; rerunning it resumes.
+    info = workdirs.run_locked(
+        workdir,
+        lambda: export_run(workdir),
+        shared=True,
+        errors=(ExportError, checkpoints.CheckpointError, data.DataError),
+        os_error="cannot write the export",
+    )
+    if info is None:
         return USAGE_ERROR
     print(_describe(info, workdir))
     return 0

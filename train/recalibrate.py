@@ -171,9 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.recalibrate",
         description="Recompute the batch-norm statistics of a trained run for its final weights "
-        "(Precise BN) and re-evaluate it.",
+        "(Precise BN) and re-evaluate it. Writes DIR/recalibrated/ (the checkpoint with the new "
+        "statistics, its config, and recalibration.json with both test accuracies), replacing an "
+        "earlier recalibration; export it with python -m train.export --workdir "
+        "DIR/recalibrated. Exit status: 0 recalibrated, 2 an error (one error: line).",
     )
-    parser.add_argument("--workdir", required=True, help="the run's directory")
+    parser.add_argument(
+        "--workdir", required=True, metavar="DIR", help="the run's directory (its --workdir)"
+    )
     parser.add_argument(
         "--batches",
         type=int,
@@ -198,21 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
     workdir = workdirs.resolve(args.workdir)
-    try:
-        # Exclusive, as a training run: a run writing the workdir would race with the restore,
-        # and two recalibrations with each other's DIR/recalibrated.
-        with workdirs.lock(workdir):
-            info = recalibrate_run(workdir, args.batches, args.step, args.variance)
-    except (
-        export.ExportError,
-        checkpoints.CheckpointError,
-        data.DataError,
-        workdirs.WorkdirBusy,
-    ) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    except OSError as error:
-        print(f"error: cannot write the recalibrated checkpoint: {error}", file=sys.stderr)
+    # Exclusive, as a training run: a run writing the workdir would race with the restore, and
+    # two recalibrations with each other's DIR/recalibrated.
+    info = workdirs.run_locked(
+        workdir,
+        lambda: recalibrate_run(workdir, args.batches, args.step, args.variance),
+        shared=False,
+        errors=(export.ExportError, checkpoints.CheckpointError, data.DataError),
+        os_error="cannot write the recalibrated checkpoint",
+    )
+    if info is None:
         return USAGE_ERROR
     print(_describe(info, workdir))
     return 0

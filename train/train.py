@@ -384,8 +384,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if on_cpu and config.steps_per_dispatch > 1 and not config.model.fast_layers:
         warnings.warn(
             "steps_per_dispatch > 1 with model.fast_layers=False: inside lax.scan XLA:CPU runs "
-            "the gradients of flax's own convolutions and max pools many times slower (38x "
-            "measured, README); set steps_per_dispatch=1 to compare flax's layers",
+            "the gradients of flax's own convolutions and max pools many times slower (a "
+            "scanned step took 38x a single one: docs/results/speed.md, \"Where the step's time "
+            "goes\"); set steps_per_dispatch=1 to compare flax's layers",
             stacklevel=2,
         )
     checkpointer = checkpoints.Checkpointer(

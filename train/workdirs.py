@@ -8,14 +8,16 @@ the holder's process ends, however it ends (kill -9 included), so no lock is eve
 itself stays behind: deleting it would let a late process lock a new file of the same name while
 another still holds the old one.
 
-Other command lines use both as `train.__main__` and `train.export` do:
+Command lines that work on a finished run (`train.export`, `train.recalibrate`) do it through
+`run_locked`, which also turns their failures into one `error:` line:
 
     workdir = workdirs.resolve(args.workdir)
-    try:
-        with workdirs.lock(workdir, shared=True):  # shared: only reads the run's files
-            ...
-    except workdirs.WorkdirBusy as error:
-        print(f"error: {error}", file=sys.stderr)
+    info = workdirs.run_locked(
+        workdir, lambda: export_run(workdir), shared=True,  # shared: only reads the run's files
+        errors=(ExportError,), os_error="cannot write the export",
+    )
+    if info is None:
+        return 2
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 LOCK_FILE = ".lock"
+
+T = TypeVar("T")
 
 
 class WorkdirBusy(Exception):
@@ -111,3 +117,28 @@ def _busy_message(workdir: str, descriptor: int, shared: bool) -> str:
         f"--workdir {workdir} is in use by another training run ({holder}); wait for it to end "
         "or stop it, or use another --workdir"
     )
+
+
+def run_locked(
+    workdir: str,
+    work: Callable[[], T],
+    *,
+    shared: bool,
+    errors: tuple[type[Exception], ...],
+    os_error: str,
+) -> T | None:
+    """`work()` holding `workdir`'s lock (`lock`), for a command line: a failure is one line.
+
+    Returns what `work` returns (which must not be None). When the lock is busy or `work` raises
+    one of `errors`, prints `error: <its message>` on stderr; when `work` raises another
+    OSError (`errors` are caught first), prints `error: <os_error>: <its message>`. Either way
+    returns None, without a traceback: the caller exits with status 2.
+    """
+    try:
+        with lock(workdir, shared=shared):
+            return work()
+    except (*errors, WorkdirBusy) as error:
+        print(f"error: {error}", file=sys.stderr)
+    except OSError as error:
+        print(f"error: {os_error}: {error}", file=sys.stderr)
+    return None
