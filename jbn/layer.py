@@ -320,17 +320,11 @@ def prepare_weights(x, batch_weights, mask):
     """`(weights, mask)`: float32 frequency weights when `batch_weights` is given (the mask
     folded in), else None and the boolean mask (or None); both broadcastable to `x`."""
     if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must be boolean (True = counts), got dtype {mask.dtype}.")
+        _checks.check_mask_dtype(mask)
         mask = _per_example(mask, x, "mask")
     if batch_weights is None:
         return None, mask
-    batch_weights = jnp.asarray(batch_weights)
-    if not jnp.issubdtype(batch_weights.dtype, jnp.number):
-        raise TypeError(f"batch_weights must be numeric, got dtype {batch_weights.dtype}.")
-    if not isinstance(batch_weights, jax.core.Tracer) and bool(jnp.any(batch_weights < 0)):
-        raise ValueError("batch_weights must be non-negative (frequency weights).")
+    batch_weights = _checks.frequency_weights(batch_weights, "batch_weights")
     weights = _per_example(batch_weights, x, "batch_weights").astype(STATS_DTYPE)
     if mask is not None:
         weights = weights * mask.astype(STATS_DTYPE)
