@@ -438,9 +438,8 @@ def finish(y: jax.Array, output_dtype, activation_fn) -> jax.Array:
 
 
 def feature_shape(options: LayerOptions, x) -> tuple[int, ...]:
-    """The shape of the layer's parameters and statistics for input `x` (checked: floating, a
-    rank the options' `data_format`/`axis` accept)."""
-    _checks.check_floating(x, "x")
+    """The shape of the layer's parameters and statistics for input `x` (checked: a rank the
+    options' `data_format`/`axis` accept; `apply` checks the dtype)."""
     shape = jnp.shape(x)
     return tuple(shape[a] for a in feature_axes(len(shape), options.data_format, options.axis))
 
