@@ -234,10 +234,36 @@ def check_broadcastable(value, shape: tuple[int, ...], name: str) -> None:
         )
 
 
-def check_mask(mask, shape: tuple[int, ...], name: str = "mask") -> None:
+def frequency_weights(weights, name: str):
+    """`weights` as an array after the frequency-weight checks: a numeric (floating, integer or
+    boolean) dtype, and no negative entry where the values are known.
+
+    Concrete values are read on the host, also inside `jit` (where a comparison would be
+    traced); traced ones cannot be checked without a host sync.
+    """
+    array = jnp.asarray(weights)
+    dtype = array.dtype
+    if not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.integer)
+        or dtype == jnp.bool_
+    ):
+        raise TypeError(f"{name} must be numeric (frequency weights), got dtype {dtype}.")
+    # The given value, not `array`: under `jit`, `jnp.asarray` may stage a constant as a tracer.
+    if not isinstance(weights, jax_core.Tracer) and np.any(np.asarray(weights) < 0):
+        raise ValueError(f"{name} must be non-negative (frequency weights).")
+    return array
+
+
+def check_mask_dtype(mask, name: str = "mask") -> None:
+    """A mask is boolean, True for the elements that count."""
     dtype = jnp.result_type(mask)
     if dtype != jnp.bool_:
         raise TypeError(f"{name} must be boolean (True = counts), got dtype {dtype}.")
+
+
+def check_mask(mask, shape: tuple[int, ...], name: str = "mask") -> None:
+    check_mask_dtype(mask, name)
     check_broadcastable(mask, shape, name)
 
 

@@ -8,6 +8,7 @@ once, so both modules give identical numbers and identical errors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,16 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbn import _checks, running
-from jbn.normalization import (
-    batch_normalization,
-    fused_batch_norm,
-    ghost_batch_norm,
-    ghost_view,
-)
-from jbn.renorm import batch_renorm
+from jbn import _checks, kernels, running
 from jbn.running import STATS_DTYPE, BatchStatistics, RunningStatistics, RunningStatisticsUpdate
-from jbn.stats import statistics
 
 __all__ = [
     "LAYER_ARGUMENTS",
@@ -244,6 +237,35 @@ class LayerOptions:
             dtype=running.statistics_dtype(self.param_dtype) if dtype is None else dtype,
         )
 
+    def kernel(self, weighted: bool = False) -> kernels.Kernel:
+        """The training kernel of these options (`jbn.kernels`), ghost batches included.
+
+        Renorm runs the renorm kernel; otherwise the fused kernel wherever it applies (no
+        frequency weights: `weighted`) unless `fused` is False, and the composite one where it
+        does not. Raises ValueError for frequency weights with `renorm` or `fused=True`.
+        """
+        if weighted and self.renorm:
+            raise ValueError(
+                "batch_weights cannot be combined with renorm=True (as in TF1); use mask for 0/1 "
+                "weights."
+            )
+        if weighted and self.fused is True:
+            raise ValueError(
+                "fused=True cannot apply with batch_weights: the fused op takes a boolean mask "
+                "only. Use fused=None (auto) or False."
+            )
+        if self.renorm:
+            kernel = functools.partial(
+                kernels.renorm, rmax=self.rmax, rmin=self.rmin, dmax=self.dmax
+            )
+        elif self.fused is not False and not weighted:
+            kernel = kernels.fused
+        else:
+            kernel = kernels.composite
+        if self.virtual_batch_size is None:
+            return kernel
+        return kernels.ghost_batches(kernel, self.virtual_batch_size)
+
 
 def layer_options(**arguments: Any) -> LayerOptions:
     """Checks a jbn batch-norm layer's arguments (`LAYER_ARGUMENTS`, by keyword; missing ones
@@ -298,17 +320,11 @@ def prepare_weights(x, batch_weights, mask):
     """`(weights, mask)`: float32 frequency weights when `batch_weights` is given (the mask
     folded in), else None and the boolean mask (or None); both broadcastable to `x`."""
     if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must be boolean (True = counts), got dtype {mask.dtype}.")
+        _checks.check_mask_dtype(mask)
         mask = _per_example(mask, x, "mask")
     if batch_weights is None:
         return None, mask
-    batch_weights = jnp.asarray(batch_weights)
-    if not jnp.issubdtype(batch_weights.dtype, jnp.number):
-        raise TypeError(f"batch_weights must be numeric, got dtype {batch_weights.dtype}.")
-    if not isinstance(batch_weights, jax.core.Tracer) and bool(jnp.any(batch_weights < 0)):
-        raise ValueError("batch_weights must be non-negative (frequency weights).")
+    batch_weights = _checks.frequency_weights(batch_weights, "batch_weights")
     weights = _per_example(batch_weights, x, "batch_weights").astype(STATS_DTYPE)
     if mask is not None:
         weights = weights * mask.astype(STATS_DTYPE)
@@ -327,21 +343,16 @@ def train_forward(
     renorm_mean: jax.Array | None = None,
     renorm_stddev: jax.Array | None = None,
 ) -> tuple[jax.Array, BatchStatistics]:
-    """Normalizes with batch statistics, choosing the core op.
-
-    The fused op (`fused_batch_norm`, `ghost_batch_norm` with a virtual batch size) runs
-    wherever it applies (no renorm, no frequency weights) unless `options.fused` is False;
-    renorm runs `batch_renorm`; otherwise `moments`/`weighted_moments` statistics and
-    `batch_normalization`. Masked-out (or weight-0) elements reach no shared gradient in any
-    path.
+    """Normalizes with batch statistics, with the kernel `options.kernel` chooses.
 
     Args:
       x: the input, features along `axes` (from `feature_axes`).
       gamma, beta: feature-shaped parameters or None.
-      options: from `layer_options`.
+      options: the layer's checked options.
       axes: the feature axes.
       weights, mask: from `prepare_weights`.
-      renorm_mean, renorm_stddev: the renorm correction statistics (renorm only).
+      renorm_mean, renorm_stddev: the renorm correction statistics, feature-shaped (renorm
+        only).
 
     Returns:
       `(y, batch)`: `y` like `x`; `batch` the statistics, feature-shaped, or with a leading
@@ -350,106 +361,34 @@ def train_forward(
 
     Raises:
       ValueError: for one value per feature (per ghost batch) without `axis_name`, on every
-        path (`jbn._checks.check_several_values`).
+        path (`jbn._checks.check_several_values`); for a batch the ghost batches do not divide.
     """
     ghost_size = options.virtual_batch_size
-    batch = x.shape[0]
     if ghost_size is not None:
-        _checks.check_ghost_batches(batch, ghost_size, axes)
+        _checks.check_ghost_batches(x.shape[0], ghost_size, axes)
     # Ghost statistics are per device: axis_name brings no values to a ghost batch.
     _checks.check_several_values(
         x.shape, axes, options.axis_name if ghost_size is None else None, ghost_size
     )
-    if weights is not None and options.renorm:
-        raise ValueError(
-            "batch_weights cannot be combined with renorm=True (as in TF1); use mask for 0/1 "
-            "weights."
-        )
-    if weights is not None and options.fused is True:
-        raise ValueError(
-            "fused=True cannot apply with batch_weights: the fused op takes a boolean mask "
-            "only. Use fused=None (auto) or False."
-        )
-    use_fused = options.fused is not False and not options.renorm and weights is None
-    axis_name = _checks.canonical_axis_name(options.axis_name)
-    groups = options.axis_index_groups
-
-    if use_fused:
-        if ghost_size is not None:
-            y, mean, variance, count = ghost_batch_norm(
-                x,
-                gamma,
-                beta,
-                virtual_batch_size=ghost_size,
-                epsilon=options.epsilon,
-                axis=axes,
-                mask=mask,
-                return_count=True,
-            )
-        else:
-            y, mean, variance, count = fused_batch_norm(
-                x,
-                gamma,
-                beta,
-                epsilon=options.epsilon,
-                axis=axes,
-                axis_name=axis_name,
-                axis_index_groups=groups,
-                mask=mask,
-                return_count=True,
-            )
-        return y, BatchStatistics(count, mean, variance)
-
-    if ghost_size is None:
-        work_x, work_axes = x, axes
-        work_mask, work_weights = mask, weights
-    else:
-        # Ghost batches become a leading axis that, like the features, is not reduced; their
-        # statistics are local by definition (only the running update is merged).
-        regroup, work_axes = ghost_view(x.shape, ghost_size, axes)
-        work_x, work_mask, work_weights = regroup(x), regroup(mask), regroup(weights)
-        axis_name, groups = None, None
-    stats_shape = tuple(work_x.shape[a] for a in work_axes)
-    per_stat = lambda v: None if v is None else jnp.broadcast_to(v, stats_shape)
-
+    kernel = options.kernel(weighted=weights is not None)
+    keep_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+    params = kernels.FeatureParams(
+        *(None if v is None else jnp.reshape(v, keep_shape) for v in (gamma, beta))
+    )
     if options.renorm:
-        y, mean, variance, count = batch_renorm(
-            work_x,
-            per_stat(gamma),
-            per_stat(beta),
-            per_stat(renorm_mean),
-            per_stat(renorm_stddev),
-            epsilon=options.epsilon,
-            rmax=options.rmax,
-            rmin=options.rmin,
-            dmax=options.dmax,
-            axis=work_axes,
-            axis_name=axis_name,
-            axis_index_groups=groups,
-            mask=work_mask,
-            return_count=True,
+        params = params._replace(
+            renorm_mean=jnp.reshape(renorm_mean, keep_shape),
+            renorm_stddev=jnp.reshape(renorm_stddev, keep_shape),
         )
-        return y.reshape(x.shape), BatchStatistics(count, mean, variance)
-
-    reduce_axes = tuple(a for a in range(work_x.ndim) if a not in work_axes)
-    counted = work_weights if work_weights is not None else work_mask
-    stats = statistics(work_x, reduce_axes, counted, axis_name, groups)
-    keep = lambda v: None if v is None else jnp.expand_dims(per_stat(v), reduce_axes)
-    counted_mask = None if counted is None else counted != 0
-    y = batch_normalization(
-        work_x,
-        stats.mean,
-        stats.variance,
-        keep(beta),
-        keep(gamma),
+    return kernel(
+        x,
+        params,
+        mask if weights is None else weights,
+        axes,
         options.epsilon,
-        mask=counted_mask,
+        _checks.canonical_axis_name(options.axis_name),
+        options.axis_index_groups,
     )
-    as_stats = lambda v: jnp.broadcast_to(v, stats.mean.shape).reshape(stats_shape)
-    batch_stats = BatchStatistics(
-        as_stats(stats.count), as_stats(stats.mean), as_stats(stats.variance)
-    )
-    return y.reshape(x.shape), batch_stats
 
 
 def initializer(initializers: Mapping[str, Callable] | None, name: str) -> Callable:
@@ -487,7 +426,7 @@ def inference_forward(x, mean, variance, beta, gamma, epsilon, axes) -> jax.Arra
     """Normalizes with the moving statistics (feature-shaped values, features along `axes`)."""
     keep_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
     as_keep = lambda v: None if v is None else jnp.reshape(v, keep_shape)
-    return batch_normalization(
+    return kernels.normalize(
         x, as_keep(mean), as_keep(variance), as_keep(beta), as_keep(gamma), epsilon
     )
 
@@ -499,9 +438,8 @@ def finish(y: jax.Array, output_dtype, activation_fn) -> jax.Array:
 
 
 def feature_shape(options: LayerOptions, x) -> tuple[int, ...]:
-    """The shape of the layer's parameters and statistics for input `x` (checked: floating, a
-    rank the options' `data_format`/`axis` accept)."""
-    _checks.check_floating(x, "x")
+    """The shape of the layer's parameters and statistics for input `x` (checked: a rank the
+    options' `data_format`/`axis` accept; `apply` checks the dtype)."""
     shape = jnp.shape(x)
     return tuple(shape[a] for a in feature_axes(len(shape), options.data_format, options.axis))
 

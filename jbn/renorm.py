@@ -22,11 +22,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jbn import _checks
-from jbn.normalization import batch_normalization, feature_param
-from jbn.stats import statistics
+from jbn import _checks, kernels
+from jbn.normalization import feature_param
 
 __all__ = ["batch_renorm", "renorm_correction"]
 
@@ -58,17 +56,9 @@ def renorm_correction(
     """
     _checks.check_epsilon(epsilon, "epsilon")
     _checks.check_clipping(rmax, rmin, dmax)
-    batch_stddev = jnp.sqrt(batch_variance + epsilon)
-    running_stddev = jnp.maximum(running_stddev, jnp.sqrt(jnp.asarray(epsilon, batch_stddev.dtype)))
-    r = batch_stddev / running_stddev
-    d = (batch_mean - running_mean) / running_stddev
-    if rmin is not None:
-        r = jnp.maximum(r, rmin)
-    if rmax is not None:
-        r = jnp.minimum(r, rmax)
-    if dmax is not None:
-        d = jnp.clip(d, -dmax, dmax)
-    return lax.stop_gradient(r), lax.stop_gradient(d)
+    return kernels.renorm_correction(
+        batch_mean, batch_variance, running_mean, running_stddev, epsilon, rmax, rmin, dmax
+    )
 
 
 def batch_renorm(
@@ -105,51 +95,33 @@ def batch_renorm(
     """
     _checks.check_floating(x, "x")
     x = jnp.asarray(x)
+    _checks.check_epsilon(epsilon, "epsilon")
+    _checks.check_clipping(rmax, rmin, dmax)
     feature_axes = _checks.normalize_axes(axis, x.ndim, "axis")
-    reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     _checks.check_several_values(x.shape, feature_axes, axis_name)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    keep = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
-    # Checked like fused_batch_norm's: a (1,) gamma must not broadcast silently over C features.
-    scale = (
-        None
-        if scale is None
-        else feature_param(scale, "scale", feature_axes, x.shape).reshape(feature_shape)
-    )
-    offset = (
-        None
-        if offset is None
-        else feature_param(offset, "offset", feature_axes, x.shape).reshape(feature_shape)
-    )
-    for name, value in (("running_mean", running_mean), ("running_stddev", running_stddev)):
-        if jnp.shape(value) != feature_shape:
-            raise ValueError(
-                f"{name} must have the feature shape {feature_shape}, got {jnp.shape(value)}."
-            )
     groups = _checks.canonical_groups(axis_name, axis_index_groups)
     if mask is not None:
         _checks.check_mask(mask, x.shape)
         mask = jnp.asarray(mask)
-    count, mean, variance = statistics(
-        x, reduce_axes, mask, _checks.canonical_axis_name(axis_name), groups
+    # Feature-shaped, checked like fused_batch_norm's: a (1,) gamma must not broadcast silently
+    # over C features.
+    keep = lambda v, name: feature_param(v, name, feature_axes, x.shape)
+    params = kernels.FeatureParams(
+        keep(scale, "scale"),
+        keep(offset, "offset"),
+        keep(running_mean, "running_mean"),
+        keep(running_stddev, "running_stddev"),
     )
-    count, mean, variance = (v.reshape(feature_shape) for v in (count, mean, variance))
-    r, d = renorm_correction(
-        mean,
-        variance,
-        running_mean,
-        running_stddev,
-        epsilon=epsilon,
+    y, batch = kernels.renorm(
+        x,
+        params,
+        mask,
+        feature_axes,
+        epsilon,
+        _checks.canonical_axis_name(axis_name),
+        groups,
         rmax=rmax,
         rmin=rmin,
         dmax=dmax,
     )
-    gamma = r if scale is None else scale * r
-    beta = d if scale is None else scale * d
-    if offset is not None:
-        beta = beta + offset
-    reshape = lambda v: v.reshape(keep)
-    y = batch_normalization(
-        x, reshape(mean), reshape(variance), reshape(beta), reshape(gamma), epsilon, mask=mask
-    )
-    return (y, mean, variance, count) if return_count else (y, mean, variance)
+    return (y, batch.mean, batch.variance, batch.count)[: 4 if return_count else 3]

@@ -219,16 +219,8 @@ def weighted_moments(
     x = jnp.asarray(x)
     reduce_axes = _checks.normalize_axes(axes, x.ndim, "axes")
     groups = _checks.canonical_groups(axis_name, axis_index_groups)
-    frequency_weights = jnp.asarray(frequency_weights)
-    if not (
-        jnp.issubdtype(frequency_weights.dtype, jnp.floating)
-        or jnp.issubdtype(frequency_weights.dtype, jnp.integer)
-        or frequency_weights.dtype == jnp.bool_
-    ):
-        raise TypeError(f"frequency_weights must be numeric, got {frequency_weights.dtype}.")
+    frequency_weights = _checks.frequency_weights(frequency_weights, "frequency_weights")
     _checks.check_broadcastable(frequency_weights, x.shape, "frequency_weights")
-    if not isinstance(frequency_weights, jax.core.Tracer) and bool(jnp.any(frequency_weights < 0)):
-        raise ValueError("frequency_weights must be non-negative (frequency weights).")
     stats = statistics(
         x, reduce_axes, frequency_weights, _checks.canonical_axis_name(axis_name), groups
     )

@@ -203,3 +203,33 @@ def test_mask_combined_with_batch_weights_and_all_masked_batch():
     (_,), variables = train_steps(module, [x], mask=np.zeros(4, bool))
     np.testing.assert_array_equal(variables["batch_stats"]["moving_mean"], np.zeros(2))
     np.testing.assert_array_equal(variables["batch_stats"]["moving_variance"], np.ones(2))
+
+
+def test_batch_weights_known_inside_jit_are_checked_and_used():
+    # Weights that are constants of a jitted function (closed over) are concrete: negative
+    # ones are refused at trace time, valid ones weight the statistics. The check used to
+    # compare them with jnp inside the trace, which raised TracerBoolConversionError.
+    import jax
+
+    epsilon = 1e-3
+    module = jbn.BatchNorm(epsilon=epsilon)
+    x = random_batches((6, 3), steps=1)[0]
+    variables = module.init(jax.random.key(0), x, is_training=False)
+
+    def train(weights):
+        return jax.jit(
+            lambda x: module.apply(
+                variables, x, is_training=True, batch_weights=weights, mutable=["batch_stats"]
+            )[0]
+        )(x)
+
+    with pytest.raises(ValueError, match="batch_weights must be non-negative"):
+        train(np.array([1.0, -1.0, 1.0, 1.0, 1.0, 1.0], np.float32))
+    weights = np.array([1.0, 2.0, 0.0, 0.5, 3.0, 1.0], np.float32)
+    mean, var, _ = reference.moments(x, (0,), weights[:, None])
+    valid = weights > 0
+    np.testing.assert_allclose(
+        np.asarray(train(weights))[valid],
+        reference.normalize(x, mean, var, 0, None, epsilon)[valid],
+        **F32_TOL,
+    )

@@ -208,3 +208,12 @@ def test_negative_frequency_weights():
     # Traced weights cannot be checked: the variance is still never negative.
     _, variance = jax.jit(lambda x, w: jbn.weighted_moments(x, 0, w))(x, weights)
     assert np.all(np.asarray(variance) >= 0)
+    # Weights closed over by a jitted function are known: checked there too (a jnp comparison
+    # inside the trace used to raise TracerBoolConversionError).
+    with pytest.raises(ValueError, match="frequency_weights must be non-negative"):
+        jax.jit(lambda x: jbn.weighted_moments(x, 0, weights))(x)
+    valid = np.abs(weights)
+    mean, variance = jax.jit(lambda x: jbn.weighted_moments(x, 0, valid))(x)
+    expected_mean, expected_variance, _ = reference.moments(x, (0,), valid, keepdims=False)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-5)
+    np.testing.assert_allclose(variance, expected_variance, rtol=1e-5)
