@@ -106,8 +106,8 @@ class LayerArguments:
 
     The linen `jbn.BatchNorm` extends it (these are its fields), `jbn.nnx.BatchNorm` takes them
     as keywords, and `LayerOptions` extends it with the checks; the meaning of each argument is
-    documented on `jbn.BatchNorm`. It declares only: no checks, no `repr`, `==` or hash of its
-    own (its subclasses have theirs).
+    documented on `jbn.BatchNorm`. It only declares: no checks, and no `repr`, `==` or hash of
+    its own, so that `jbn.BatchNorm` keeps flax's module repr and `LayerOptions` its own.
     """
 
     # Moving statistics.
@@ -137,18 +137,6 @@ class LayerArguments:
     dtype: Any = None
     param_dtype: Any = jnp.float32
     unbiased_moving_variance: bool = False
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        # Here rather than in __post_init__: the generated __init__ refuses an unknown keyword
-        # first, with a message that does not say what the arguments are.
-        names = [field.name for field in dataclasses.fields(cls) if field.init]
-        unknown = [name for name in kwargs if name not in names]
-        if unknown:
-            raise TypeError(
-                f"unknown argument(s) {unknown} for a jbn batch-norm layer ({cls.__name__}); "
-                f"the arguments are {', '.join(names)}."
-            )
-        return super().__new__(cls)
 
 
 @dataclasses.dataclass(eq=True, unsafe_hash=True)
@@ -293,7 +281,13 @@ class LayerOptions(LayerArguments):
 def layer_options(**arguments: Any) -> LayerOptions:
     """Checks a jbn batch-norm layer's arguments (`LAYER_ARGUMENTS`, by keyword; missing ones
     take `jbn.BatchNorm`'s defaults) and returns them as `LayerOptions`; errors name the
-    argument (ValueError, TypeError; TypeError for an unknown name)."""
+    argument (ValueError, TypeError; TypeError for an unknown name, listing the arguments)."""
+    unknown = [name for name in arguments if name not in LAYER_ARGUMENTS]
+    if unknown:
+        raise TypeError(
+            f"unknown argument(s) {unknown} for a jbn batch-norm layer; its arguments are "
+            f"{', '.join(LAYER_ARGUMENTS)}."
+        )
     return LayerOptions(**arguments)
 
 
