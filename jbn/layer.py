@@ -95,6 +95,7 @@ def _check_flag(value, name: str) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
+# An entry of `param_initializers` (flax's initializer signature) and of `param_regularizers`.
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Regularizer = Callable[[jax.Array], jax.Array]
 
@@ -110,9 +111,9 @@ class LayerArguments:
     its own, so that `jbn.BatchNorm` keeps flax's module repr and `LayerOptions` its own.
     """
 
-    # Moving statistics.
+    # Moving averages.
     decay: float | None = 0.999
-    # The affine transform and the output.
+    # Normalization, the affine transform and the output.
     center: bool = True
     scale: bool = False
     epsilon: float = 0.001
@@ -124,7 +125,7 @@ class LayerArguments:
     fused: bool | None = None
     data_format: str | None = None
     axis: int | Sequence[int] | None = None
-    # Moving statistics, batch renormalization and ghost batches.
+    # Debiasing, batch renormalization and ghost batches.
     zero_debias_moving_mean: bool = False
     renorm: bool = False
     renorm_clipping: Mapping[str, float] | None = None
