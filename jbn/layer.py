@@ -22,6 +22,7 @@ from jbn.running import STATS_DTYPE, BatchStatistics, RunningStatistics, Running
 
 __all__ = [
     "LAYER_ARGUMENTS",
+    "LayerArguments",
     "LayerOptions",
     "apply",
     "feature_axes",
@@ -87,39 +88,72 @@ def _check_flag(value, name: str) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerOptions:
-    """The arguments of a jbn batch-norm layer: their one declaration, defaults and checks.
+# An entry of `param_initializers` (flax's initializer signature) and of `param_regularizers`.
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+Regularizer = Callable[[jax.Array], jax.Array]
 
-    Every module (`jbn.BatchNorm`, `jbn.linen.BatchNorm`, `jbn.nnx.BatchNorm`,
-    `jbn.equinox.BatchNorm`) holds one and hands it to `apply`. Construction checks every
-    argument (errors name it) and canonicalizes: lists become tuples, mappings read-only and
-    hashable, `epsilon` a float, `virtual_batch_size` an int, `axis_index_groups` a tuple of
-    tuples; nothing downstream checks them again. The meaning of each argument is documented
-    on `jbn.BatchNorm`.
+
+@dataclasses.dataclass(repr=False, eq=False)
+class LayerArguments:
+    """The arguments of a jbn batch-norm layer, with their types and defaults: their one
+    declaration.
+
+    The linen `jbn.BatchNorm` extends it (these are its fields), `jbn.nnx.BatchNorm` takes them
+    as keywords, and `LayerOptions` extends it with the checks; the meaning of each argument is
+    documented on `jbn.BatchNorm`. It only declares: no checks, and no `repr`, `==` or hash of
+    its own, so that `jbn.BatchNorm` keeps flax's module repr and `LayerOptions` its own.
     """
 
+    # Moving averages.
     decay: float | None = 0.999
+    # Normalization, the affine transform and the output.
     center: bool = True
     scale: bool = False
     epsilon: float = 0.001
-    activation_fn: Callable | None = None
-    param_initializers: Mapping[str, Callable] | None = None
-    param_regularizers: Mapping[str, Callable] | None = None
+    activation_fn: Callable[[jax.Array], jax.Array] | None = None
+    param_initializers: Mapping[str, Initializer] | None = None
+    param_regularizers: Mapping[str, Regularizer] | None = None
     trainable: bool = True
+    # The core op and the layout.
     fused: bool | None = None
     data_format: str | None = None
     axis: int | Sequence[int] | None = None
+    # Debiasing, batch renormalization and ghost batches.
     zero_debias_moving_mean: bool = False
     renorm: bool = False
     renorm_clipping: Mapping[str, float] | None = None
     renorm_decay: float = 0.99
     virtual_batch_size: int | None = None
+    # Devices.
     axis_name: Any = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
+    # Dtypes, and the moving variance's convention.
     dtype: Any = None
     param_dtype: Any = jnp.float32
     unbiased_moving_variance: bool = False
+
+
+@dataclasses.dataclass(eq=True, unsafe_hash=True)
+class LayerOptions(LayerArguments):
+    """The checked arguments of a jbn batch-norm layer: immutable and hashable.
+
+    Every module (`jbn.BatchNorm`, `jbn.linen.BatchNorm`, `jbn.nnx.BatchNorm`,
+    `jbn.equinox.BatchNorm`) holds one and hands it to `apply`. Construction checks every
+    argument (errors name it) and canonicalizes: lists become tuples, mappings read-only and
+    hashable, `epsilon` a float, `virtual_batch_size` an int, `axis_index_groups` a tuple of
+    tuples; nothing downstream checks them again. The arguments are `LayerArguments`' fields.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Frozen as a `frozen=True` dataclass is (which dataclasses refuse over the non-frozen
+        # `LayerArguments`, itself non-frozen because linen modules extend it): the generated
+        # __init__ sets each field once, then nothing can be set.
+        if name in self.__dict__ or name not in LAYER_ARGUMENTS:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
 
     def __post_init__(self) -> None:
         if self.decay is not None:
@@ -270,12 +304,18 @@ class LayerOptions:
 def layer_options(**arguments: Any) -> LayerOptions:
     """Checks a jbn batch-norm layer's arguments (`LAYER_ARGUMENTS`, by keyword; missing ones
     take `jbn.BatchNorm`'s defaults) and returns them as `LayerOptions`; errors name the
-    argument (ValueError, TypeError; TypeError for an unknown name)."""
+    argument (ValueError, TypeError; TypeError for an unknown name, listing the arguments)."""
+    unknown = [name for name in arguments if name not in LAYER_ARGUMENTS]
+    if unknown:
+        raise TypeError(
+            f"unknown argument(s) {unknown} for a jbn batch-norm layer; its arguments are "
+            f"{', '.join(LAYER_ARGUMENTS)}."
+        )
     return LayerOptions(**arguments)
 
 
-# The layer's arguments, in their order: `LayerOptions`' fields.
-LAYER_ARGUMENTS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LayerOptions))
+# The layer's arguments, in their order: `LayerArguments`' fields.
+LAYER_ARGUMENTS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LayerArguments))
 
 
 def feature_axes(ndim: int, data_format: str | None, axis) -> tuple[int, ...]:

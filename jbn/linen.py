@@ -25,7 +25,7 @@ from jbn import layer, module
 
 __all__ = ["FLAX_NAMES", "BatchNorm", "from_flax_variables", "to_flax_variables"]
 
-Initializer = module.Initializer
+Initializer = layer.Initializer
 
 #: jbn's variable names -> flax's (`flax.linen.BatchNorm`, `flax.nnx.BatchNorm`); params first.
 FLAX_NAMES: dict[str, str] = {

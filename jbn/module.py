@@ -8,7 +8,7 @@ back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -20,14 +20,10 @@ from jbn import _checks, layer, running
 
 __all__ = ["BatchNorm"]
 
-Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
-Regularizer = Callable[[jax.Array], jax.Array]
 STATS_DTYPE = running.STATS_DTYPE
-# The defaults of the layer's arguments, declared once, in `jbn.layer.LayerOptions`.
-_DEFAULTS = layer.LayerOptions()
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(layer.LayerArguments, nn.Module):
     """Batch normalization with the arguments of TF1's `tf.contrib.layers.batch_norm`.
 
     Training (`is_training=True`) normalizes with the statistics of the batch and moves the
@@ -158,28 +154,9 @@ class BatchNorm(nn.Module):
         matters for small batches (pytorch#19902).
     """
 
-    decay: float | None = _DEFAULTS.decay
-    center: bool = _DEFAULTS.center
-    scale: bool = _DEFAULTS.scale
-    epsilon: float = _DEFAULTS.epsilon
-    activation_fn: Callable[[jax.Array], jax.Array] | None = _DEFAULTS.activation_fn
-    param_initializers: Mapping[str, Initializer] | None = _DEFAULTS.param_initializers
-    param_regularizers: Mapping[str, Regularizer] | None = _DEFAULTS.param_regularizers
+    # The layer's arguments (the attributes above but `is_training`) are the fields of
+    # `jbn.layer.LayerArguments`, declared there once; `is_training` follows them.
     is_training: bool | None = None
-    trainable: bool = _DEFAULTS.trainable
-    fused: bool | None = _DEFAULTS.fused
-    data_format: str | None = _DEFAULTS.data_format
-    axis: int | Sequence[int] | None = _DEFAULTS.axis
-    zero_debias_moving_mean: bool = _DEFAULTS.zero_debias_moving_mean
-    renorm: bool = _DEFAULTS.renorm
-    renorm_clipping: Mapping[str, float] | None = _DEFAULTS.renorm_clipping
-    renorm_decay: float = _DEFAULTS.renorm_decay
-    virtual_batch_size: int | None = _DEFAULTS.virtual_batch_size
-    axis_name: Any = _DEFAULTS.axis_name
-    axis_index_groups: Sequence[Sequence[int]] | None = _DEFAULTS.axis_index_groups
-    dtype: Any = _DEFAULTS.dtype
-    param_dtype: Any = _DEFAULTS.param_dtype
-    unbiased_moving_variance: bool = _DEFAULTS.unbiased_moving_variance
 
     # Variable names as stored, for jbn's names (the identity here): `jbn.linen.BatchNorm`, the
     # flax-named drop-in, stores the same variables under flax's names.

@@ -34,7 +34,7 @@ tests/test_docstrings.py):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,9 +51,6 @@ __all__ = [
     "replace_flax_batch_norm",
     "to_linen_variables",
 ]
-
-# The defaults of the layer's arguments, declared once, in `jbn.layer.LayerOptions`.
-_DEFAULTS = layer.LayerOptions()
 
 
 class BatchNorm(nnx.Module):
@@ -88,53 +85,13 @@ class BatchNorm(nnx.Module):
         self,
         num_features: int | Sequence[int],
         *,
-        decay: float | None = _DEFAULTS.decay,
-        center: bool = _DEFAULTS.center,
-        scale: bool = _DEFAULTS.scale,
-        epsilon: float = _DEFAULTS.epsilon,
-        activation_fn: Callable[[jax.Array], jax.Array] | None = _DEFAULTS.activation_fn,
-        param_initializers: Mapping[str, Callable] | None = _DEFAULTS.param_initializers,
-        param_regularizers: Mapping[str, Callable] | None = _DEFAULTS.param_regularizers,
         use_running_average: bool | None = False,
-        trainable: bool = _DEFAULTS.trainable,
-        fused: bool | None = _DEFAULTS.fused,
-        data_format: str | None = _DEFAULTS.data_format,
-        axis: int | Sequence[int] | None = _DEFAULTS.axis,
-        zero_debias_moving_mean: bool = _DEFAULTS.zero_debias_moving_mean,
-        renorm: bool = _DEFAULTS.renorm,
-        renorm_clipping: Mapping[str, float] | None = _DEFAULTS.renorm_clipping,
-        renorm_decay: float = _DEFAULTS.renorm_decay,
-        virtual_batch_size: int | None = _DEFAULTS.virtual_batch_size,
-        axis_name: Any = _DEFAULTS.axis_name,
-        axis_index_groups: Sequence[Sequence[int]] | None = _DEFAULTS.axis_index_groups,
-        dtype: Any = _DEFAULTS.dtype,
-        param_dtype: Any = _DEFAULTS.param_dtype,
-        unbiased_moving_variance: bool = _DEFAULTS.unbiased_moving_variance,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        options = layer.LayerOptions(
-            decay=decay,
-            center=center,
-            scale=scale,
-            epsilon=epsilon,
-            activation_fn=activation_fn,
-            param_initializers=param_initializers,
-            param_regularizers=param_regularizers,
-            trainable=trainable,
-            fused=fused,
-            data_format=data_format,
-            axis=axis,
-            zero_debias_moving_mean=zero_debias_moving_mean,
-            renorm=renorm,
-            renorm_clipping=renorm_clipping,
-            renorm_decay=renorm_decay,
-            virtual_batch_size=virtual_batch_size,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            unbiased_moving_variance=unbiased_moving_variance,
-        )
+        # The layer's arguments are declared once, in `jbn.layer.LayerArguments`; an unknown
+        # one is a TypeError naming it.
+        options = layer.layer_options(**options)
         self.options = nnx.static(options)
         if use_running_average is not None:
             _checks.as_bool(use_running_average, "use_running_average")
@@ -146,19 +103,20 @@ class BatchNorm(nnx.Module):
         self.feature_shape = feature_shape
         self.use_running_average = use_running_average
 
-        for name, enabled in (("beta", center), ("gamma", scale)):
+        initializers, param_dtype = options.param_initializers, options.param_dtype
+        for name, enabled in (("beta", options.center), ("gamma", options.scale)):
             value = None
             if enabled:
-                init = layer.initializer(param_initializers, name)
+                init = layer.initializer(initializers, name)
                 value = nnx.Param(init(rngs.params(), feature_shape, param_dtype))
             setattr(self, name, value if enabled else nnx.data(None))
         stats_dtype = running.statistics_dtype(param_dtype)
         state = options.running_rule().init(
             layer.initial_statistic(
-                param_initializers, "moving_mean", rngs.params, feature_shape, stats_dtype
+                initializers, "moving_mean", rngs.params, feature_shape, stats_dtype
             ),
             layer.initial_statistic(
-                param_initializers, "moving_variance", rngs.params, feature_shape, stats_dtype
+                initializers, "moving_variance", rngs.params, feature_shape, stats_dtype
             ),
         )
         for field, value in state._asdict().items():

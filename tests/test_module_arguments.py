@@ -3,6 +3,7 @@ construction or trace time."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+from flax import nnx
 from jbn_testing import random_batches
 
 import jbn
@@ -208,3 +210,47 @@ def test_layer_options_checks_any_subset_of_the_arguments_with_the_modules_defau
         jbn.layer.layer_options(decay=None, zero_debias_moving_mean=True)
     with pytest.raises(TypeError, match="momentum"):
         jbn.layer.layer_options(momentum=0.9)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **kw),
+        jbn.layer.layer_options,
+    ],
+    ids=["jbn.nnx.BatchNorm", "jbn.layer.layer_options"],
+)
+def test_an_unknown_argument_is_a_type_error_naming_it_and_listing_the_arguments(make):
+    # A flax or PyTorch name (momentum) given to jbn's layer: the error says which name is
+    # unknown and what the layer's arguments are.
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['momentum'\]") as error:
+        make(decay=0.9, momentum=0.9)
+    listed = str(error.value).partition("its arguments are ")[2]
+    assert listed.rstrip(".").split(", ") == list(jbn.layer.LAYER_ARGUMENTS)
+
+
+def test_an_unknown_linen_argument_is_a_type_error_naming_it():
+    # The linen module's fields are LayerArguments' (inherited): a name that is not one is
+    # still refused by the generated constructor, naming it.
+    with pytest.raises(TypeError, match="'momentum'"):
+        jbn.BatchNorm(decay=0.9, momentum=0.9)
+
+
+def test_layer_options_stay_immutable_and_hashable():
+    # Static arguments (nnx.static, equinox's static field, jit) must hash, and a built layer's
+    # options must not change under it; dataclasses.replace makes checked new ones.
+    options = jbn.layer.layer_options(axis=[1], renorm=True, renorm_clipping={"rmax": 2.0})
+    same = jbn.layer.layer_options(axis=(1,), renorm=True, renorm_clipping={"rmax": 2})
+    assert options == same and hash(options) == hash(same)
+    assert hash(jbn.layer.LayerOptions()) == hash(jbn.layer.LayerOptions())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.epsilon = 0.1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.new_name = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del options.epsilon
+    assert options.epsilon == 0.001 and not hasattr(options, "new_name")
+    replaced = dataclasses.replace(options, epsilon=0.1)
+    assert replaced.epsilon == 0.1 and replaced != options and replaced.axis == (1,)
+    with pytest.raises(ValueError, match="epsilon"):
+        dataclasses.replace(options, epsilon=-1.0)

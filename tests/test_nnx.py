@@ -297,12 +297,23 @@ def test_float64_parameters_keep_float64_statistics_under_x64(kwargs):
 
 
 def test_both_modules_take_every_layer_argument_with_the_same_default():
-    linen_defaults = {field.name: field.default for field in dataclasses.fields(jbn.BatchNorm)}
-    nnx_parameters = inspect.signature(jbn.nnx.BatchNorm.__init__).parameters
-    assert "decay" in jbn.layer.LAYER_ARGUMENTS and "unbiased_moving_variance" in nnx_parameters
-    for name in jbn.layer.LAYER_ARGUMENTS:
-        assert nnx_parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-        assert nnx_parameters[name].default == linen_defaults[name], name
+    # The arguments are declared once, as jbn.layer.LayerArguments' fields: they are the linen
+    # module's fields, and the NNX module takes each of them by keyword with the same default.
+    arguments = dataclasses.fields(jbn.layer.LayerArguments)
+    assert tuple(field.name for field in arguments) == jbn.layer.LAYER_ARGUMENTS
+    assert len(arguments) == 21 and "unbiased_moving_variance" in jbn.layer.LAYER_ARGUMENTS
+    declared = lambda fields: [(f.name, f.type, f.default) for f in fields]
+    linen_fields = dataclasses.fields(jbn.BatchNorm)
+    assert declared(linen_fields[: len(arguments)]) == declared(arguments)
+    assert [f.name for f in linen_fields[len(arguments) :]] == ["is_training", "parent", "name"]
+    defaults = {field.name: field.default for field in arguments}
+    explicit = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **defaults)
+    implicit = jbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    assert explicit.options == implicit.options == jbn.layer.LayerOptions()
+    assert jbn.BatchNorm(**defaults)._options() == jbn.BatchNorm()._options() == explicit.options
+    parameters = inspect.signature(jbn.nnx.BatchNorm.__init__).parameters
+    assert parameters["rngs"].default is inspect.Parameter.empty
+    assert parameters["rngs"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_nnx_guide_example_runs():
