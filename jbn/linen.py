@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jbn import layer, module
 
-__all__ = ["FLAX_NAMES", "BatchNorm", "from_flax_variables", "to_flax_variables"]
+__all__ = ["FLAX_ARGUMENTS", "FLAX_NAMES", "BatchNorm", "from_flax_variables", "to_flax_variables"]
 
 Initializer = layer.Initializer
 
@@ -35,9 +35,24 @@ FLAX_NAMES: dict[str, str] = {
     "moving_variance": "var",
 }
 _PARAM_NAMES = ("gamma", "beta")
-_JBN_NAMES_OF_FLAX = (
-    "decay is momentum, center is use_bias, scale is use_scale, param_initializers are "
-    "scale_init and bias_init"
+
+#: jbn's layer arguments -> flax's (`flax.linen.BatchNorm`, `flax.nnx.BatchNorm`) of the same
+#: meaning; jbn's others have no flax counterpart, and flax's initializers are jbn's
+#: `param_initializers` (`scale_init`, `bias_init`).
+FLAX_ARGUMENTS: dict[str, str] = {
+    "decay": "momentum",
+    "center": "use_bias",
+    "scale": "use_scale",
+    "epsilon": "epsilon",
+    "axis": "axis",
+    "axis_name": "axis_name",
+    "axis_index_groups": "axis_index_groups",
+    "dtype": "dtype",
+    "param_dtype": "param_dtype",
+}
+_JBN_NAMES_OF_FLAX = ", ".join(
+    [f"{name} is {flax}" for name, flax in FLAX_ARGUMENTS.items() if name != flax]
+    + ["param_initializers are scale_init and bias_init"]
 )
 
 
@@ -110,17 +125,12 @@ class BatchNorm(nn.Module):
             initializers["gamma"] = self.scale_init
         if self.use_bias:
             initializers["beta"] = self.bias_init
-        return dict(
-            decay=self.momentum,
-            center=self.use_bias,
-            scale=self.use_scale,
-            epsilon=self.epsilon,
+        arguments = {name: getattr(self, flax) for name, flax in FLAX_ARGUMENTS.items()}
+        return arguments | dict(
             param_initializers=initializers,
-            axis=self.axis,
             axis_name=axis_name,
             axis_index_groups=self.axis_index_groups if axis_name is not None else None,
             dtype=dtype,
-            param_dtype=self.param_dtype,
         )
 
     @nn.compact

@@ -302,24 +302,15 @@ def _set(parent, key, value) -> None:
 def from_flax(layer_: nnx.BatchNorm, **overrides) -> BatchNorm:
     """A `jbn.nnx.BatchNorm` with a `flax.nnx.BatchNorm`'s settings, parameters and statistics.
 
-    Mapping: `momentum -> decay`, `use_bias -> center`, `use_scale -> scale`, `bias -> beta`,
-    `scale -> gamma`, `mean -> moving_mean`, `var -> moving_variance`; `epsilon`, `axis`,
-    `axis_name`, `axis_index_groups`, `dtype`, `param_dtype`, `use_running_average` carry over.
+    Mapping: the arguments by `jbn.linen.FLAX_ARGUMENTS` (`momentum -> decay`, `use_bias ->
+    center`, `use_scale -> scale`; `epsilon`, `axis`, `axis_name`, `axis_index_groups`,
+    `dtype`, `param_dtype` keep their names), the variables by `jbn.linen.FLAX_NAMES` (`bias ->
+    beta`, `scale -> gamma`, `mean -> moving_mean`, `var -> moving_variance`);
+    `use_running_average` carries over.
     `overrides` are further `jbn.nnx.BatchNorm` arguments (e.g. `renorm=True`).
     """
-    kwargs = dict(
-        decay=layer_.momentum,
-        epsilon=layer_.epsilon,
-        center=layer_.use_bias,
-        scale=layer_.use_scale,
-        axis=layer_.axis,
-        axis_name=layer_.axis_name,
-        axis_index_groups=layer_.axis_index_groups,
-        dtype=layer_.dtype,
-        param_dtype=layer_.param_dtype,
-        use_running_average=layer_.use_running_average,
-    )
-    kwargs.update(overrides)
+    kwargs = {name: getattr(layer_, flax) for name, flax in linen.FLAX_ARGUMENTS.items()}
+    kwargs.update(use_running_average=layer_.use_running_average, **overrides)
     new = BatchNorm(layer_.num_features, rngs=nnx.Rngs(0), **kwargs)
     for name, flax_name in linen.FLAX_NAMES.items():
         variable = getattr(layer_, flax_name, None)

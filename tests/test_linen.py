@@ -243,3 +243,40 @@ def test_a_layer_called_twice_shares_its_variables():
         Twice(nn.BatchNorm).apply(variables, x),
         **F32_TOL,
     )
+
+
+def test_flax_argument_table_names_flax_arguments_of_the_same_meaning():
+    # Against flax's own signatures: every entry is an argument of both flax layers and of
+    # jbn's, and each converted value reaches jbn's layer unchanged.
+    import dataclasses
+    import inspect
+
+    linen_fields = {field.name for field in dataclasses.fields(nn.BatchNorm)}
+    nnx_parameters = set(inspect.signature(nnx.BatchNorm.__init__).parameters)
+    for name, flax_name in jbn.linen.FLAX_ARGUMENTS.items():
+        assert name in jbn.layer.LAYER_ARGUMENTS, name
+        assert flax_name in linen_fields and flax_name in nnx_parameters, flax_name
+    flax_layer = nnx.BatchNorm(
+        6,
+        momentum=0.8,
+        epsilon=1e-4,
+        use_bias=False,
+        use_scale=True,
+        axis=-1,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(0),
+    )
+    options = jbn.nnx.from_flax(flax_layer).options
+    for name, flax_name in jbn.linen.FLAX_ARGUMENTS.items():
+        assert getattr(options, name) == getattr(flax_layer, flax_name), name
+    assert (options.decay, options.center, options.scale) == (0.8, False, True)
+    drop_in = jbn.linen.BatchNorm(momentum=0.8, use_bias=False, epsilon=1e-4)
+    x = random_batches((4, 6), steps=1)[0]
+    flax_module = nn.BatchNorm(momentum=0.8, use_bias=False, epsilon=1e-4)
+    variables = flax_module.init(jax.random.key(0), x, use_running_average=False)
+    expected, _ = flax_module.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    y, _ = drop_in.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, expected, **F32_TOL)

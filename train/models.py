@@ -78,10 +78,7 @@ class ConvNet(nn.Module):
             if active:
                 raise ValueError(f"batch_norm_impl='flax' does not support {active}.")
             return nn.BatchNorm(
-                momentum=kwargs["decay"],
-                epsilon=kwargs["epsilon"],
-                use_bias=kwargs["center"],
-                use_scale=kwargs["scale"],
+                **{jbn.linen.FLAX_ARGUMENTS[k]: kwargs[k] for k in _FLAX_SUPPORTED},
                 axis_name=self.axis_name,
                 dtype=self.dtype,
                 name=name,
