@@ -118,7 +118,7 @@ def fused_batch_norm(
 ) -> tuple[jax.Array, ...]:
     """Training-mode batch norm: statistics of this batch, then normalization.
 
-        mean, var = moments(x, all axes but `axis`, mask=mask, axis_name=...)
+        mean, var = moments(x, all axes but axis, mask=mask, axis_name=...)
         y = (x - mean) / sqrt(var + epsilon) * scale + offset
 
     The statistics are two-pass, a mean and then the deviations from it (see `jbn.stats`), so
