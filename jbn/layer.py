@@ -289,13 +289,14 @@ class LayerOptions(LayerArguments):
                 "only. Use fused=None (auto) or False."
             )
         if self.renorm:
-            kernel = functools.partial(
-                kernels.renorm, rmax=self.rmax, rmin=self.rmin, dmax=self.dmax
-            )
+            name = "renorm"
         elif self.fused is not False and not weighted:
-            kernel = kernels.fused
+            name = "fused"
         else:
-            kernel = kernels.composite
+            name = "composite"
+        kernel = kernels.KERNELS[name]
+        if self.renorm:
+            kernel = functools.partial(kernel, rmax=self.rmax, rmin=self.rmin, dmax=self.dmax)
         if self.virtual_batch_size is None:
             return kernel
         return kernels.ghost_batches(kernel, self.virtual_batch_size)

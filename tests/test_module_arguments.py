@@ -254,3 +254,27 @@ def test_layer_options_stay_immutable_and_hashable():
     assert replaced.epsilon == 0.1 and replaced != options and replaced.axis == (1,)
     with pytest.raises(ValueError, match="epsilon"):
         dataclasses.replace(options, epsilon=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "call", "fused_op"),
+    [
+        (dict(), dict(), True),
+        (dict(virtual_batch_size=2), dict(mask=np.array([True, True, False, True])), True),
+        (dict(fused=False), dict(), False),
+        (dict(), dict(batch_weights=np.ones(4)), False),
+        (dict(renorm=True), dict(), False),
+    ],
+    ids=["default", "ghost+mask", "fused=False", "batch_weights", "renorm"],
+)
+def test_the_fused_op_runs_wherever_it_applies(arguments, call, fused_op):
+    # The documented choice of `fused=None`: the fused op (one custom_jvp) in training unless
+    # renorm or frequency weights rule it out; False always the composite path. Read from the
+    # traced program, whose derivative would otherwise be autodiff's, silently slower.
+    x = random_batches((4, 3), steps=1)[0]
+    module = jbn.BatchNorm(**arguments)
+    variables = module.init(jax.random.key(0), x, is_training=False)
+    program = jax.make_jaxpr(
+        lambda x: module.apply(variables, x, is_training=True, mutable=["batch_stats"], **call)
+    )(x)
+    assert ("custom_jvp_call" in str(program)) == fused_op
