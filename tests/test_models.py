@@ -153,12 +153,12 @@ def test_batch_norm_gets_the_config():
     batch_norm.renorm_clipping.rmin = 1 / 3.0
     batch_norm.renorm_clipping.dmax = 5.0
     config.batch_norm_l2 = 0.1
-    kwargs = models.batch_norm_kwargs(config)
-    assert kwargs["decay"] == 0.5 and kwargs["epsilon"] == 0.01
-    assert kwargs["virtual_batch_size"] == 4 and kwargs["renorm"]
-    assert kwargs["renorm_clipping"] == {"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}
+    options = models.batch_norm_options(config)
+    assert options.decay == 0.5 and options.epsilon == 0.01
+    assert options.virtual_batch_size == 4 and options.renorm
+    assert dict(options.renorm_clipping) == {"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}
     beta = jnp.array([1.0, 2.0])
-    assert float(kwargs["param_regularizers"]["beta"](beta)) == pytest.approx(0.1 * 5.0)
+    assert float(options.param_regularizers["beta"](beta)) == pytest.approx(0.1 * 5.0)
 
     config.sync_batch_stats = True
     assert models.create_model(config, 10, axis_name="batch").axis_name == "batch"

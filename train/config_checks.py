@@ -1,7 +1,7 @@
 """The checks of a training config, run before any data is loaded; errors name the field.
 
 Each value is checked in one place: the batch norm arguments by jbn itself (through
-`models.check_batch_norm_config`: `jbn.layer.layer_options` on the arguments the model passes),
+`models.batch_norm_options`: `jbn.layer.layer_options` on the arguments the model passes),
 the device layout by `devices.device_layout`, a batch size against the dataset by
 `data.steps_per_epoch`, and everything else here.
 """
@@ -94,7 +94,7 @@ def _check_model(model: ml_collections.ConfigDict, per_device_batch: int) -> Non
     # jbn does not check the regularizers' weight: it only sees the functions built from it.
     _require(model.batch_norm_l2 >= 0, "model.batch_norm_l2 must be >= 0")
     try:
-        models.check_batch_norm_config(model)
+        models.batch_norm_options(model)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
     # Only the app knows the per-device batch before tracing; jbn checks the batch it is given.

@@ -16,7 +16,8 @@ sees a 2x2 map and yields one value per channel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,8 +28,10 @@ import ml_collections
 import jbn
 from train import layers
 
-# jbn.BatchNorm arguments that batch_norm_impl='flax' maps onto flax.linen.BatchNorm.
+# jbn.BatchNorm arguments that batch_norm_impl='flax' maps onto flax.linen.BatchNorm; the
+# network itself sets axis_name and dtype.
 _FLAX_SUPPORTED = ("decay", "epsilon", "center", "scale")
+_SET_BY_THE_NETWORK = ("axis_name", "dtype")
 
 # Filters of the first four convolutions; the fifth has one filter per class.
 DOCUMENT_FEATURES: tuple[int, ...] = (64, 64, 32, 16)
@@ -40,10 +43,9 @@ class ConvNet(nn.Module):
     Attributes:
       num_classes: filters of the last convolution, i.e. number of logits.
       features: filters of the convolutions before the last one (each followed by a max pool).
-      use_batch_norm: False gives the baseline conv(+bias) -> ReLU network.
-      batch_norm_kwargs: keyword arguments for every `jbn.BatchNorm` (`batch_norm_kwargs`:
-        config.model.batch_norm, under jbn's own names). `axis_name` is set separately so that
-        it can follow the device layout rather than the config.
+      batch_norm: the checked arguments of every `jbn.BatchNorm` (`batch_norm_options`:
+        config.model.batch_norm), or None without batch norm. Their `axis_name` and `dtype`
+        are the network's: the device layout's and the computation's, not the config's.
       axis_name: pmap axis over which batch statistics are synchronized (None: per device).
       relu_on_logits: the document applies BN + ReLU to the last convolution too, which makes
         every logit non-negative; False leaves the last layer linear (conv -> BN -> avg pool).
@@ -57,8 +59,7 @@ class ConvNet(nn.Module):
 
     num_classes: int
     features: Sequence[int] = DOCUMENT_FEATURES
-    use_batch_norm: bool = True
-    batch_norm_kwargs: Mapping[str, Any] | None = None
+    batch_norm: jbn.layer.LayerOptions | None = None
     axis_name: str | None = None
     relu_on_logits: bool = True
     dtype: Any = jnp.float32
@@ -66,19 +67,23 @@ class ConvNet(nn.Module):
     fast_layers: bool = True
 
     def _batch_norm(self, name: str) -> nn.Module:
-        kwargs = dict(self.batch_norm_kwargs or {})
+        options = dataclasses.replace(self.batch_norm, axis_name=self.axis_name, dtype=self.dtype)
         if self.batch_norm_impl == "jbn":
-            return jbn.BatchNorm(**kwargs, axis_name=self.axis_name, dtype=self.dtype, name=name)
+            arguments = {field: getattr(options, field) for field in jbn.layer.LAYER_ARGUMENTS}
+            return jbn.BatchNorm(**arguments, name=name)
         if self.batch_norm_impl == "flax":
-            unsupported = sorted(set(kwargs) - set(_FLAX_SUPPORTED))
-            # renorm_decay only matters with renorm, which is reported itself.
-            active = [
-                k for k in unsupported if k != "renorm_decay" and kwargs[k] not in (None, False)
+            defaults = jbn.layer.LayerOptions()
+            unsupported = [
+                field
+                for field in jbn.layer.LAYER_ARGUMENTS
+                if field not in (*_FLAX_SUPPORTED, *_SET_BY_THE_NETWORK)
+                and getattr(self.batch_norm, field) != getattr(defaults, field)
             ]
-            if active:
-                raise ValueError(f"batch_norm_impl='flax' does not support {active}.")
+            if unsupported:
+                raise ValueError(f"batch_norm_impl='flax' does not support {unsupported}.")
+            flax_names = jbn.linen.FLAX_ARGUMENTS
             return nn.BatchNorm(
-                **{jbn.linen.FLAX_ARGUMENTS[k]: kwargs[k] for k in _FLAX_SUPPORTED},
+                **{flax_names[field]: getattr(options, field) for field in _FLAX_SUPPORTED},
                 axis_name=self.axis_name,
                 dtype=self.dtype,
                 name=name,
@@ -107,7 +112,7 @@ class ConvNet(nn.Module):
                 conv_general_dilated=conv,
                 name=f"conv{index + 1}",
             )(x)
-            if self.use_batch_norm:
+            if self.batch_norm is not None:
                 norm = self._batch_norm(f"bn{index + 1}")
                 if self.batch_norm_impl == "flax":
                     x = norm(x, use_running_average=not is_training)
@@ -130,31 +135,27 @@ def _l2_regularizer(weight: float) -> Callable[[jax.Array], jax.Array]:
     return lambda p: weight * jnp.sum(jnp.square(p))
 
 
-def batch_norm_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """jbn.BatchNorm keyword arguments from the `model` sub-config.
+def batch_norm_options(model_config: ml_collections.ConfigDict) -> jbn.layer.LayerOptions:
+    """jbn's checked batch-norm arguments from the `model` sub-config.
 
     `model.batch_norm` holds jbn's own arguments and passes through as it is, except that
     `renorm_clipping` without any bound is no argument (None); `model.batch_norm_l2` > 0 adds
     L2 `param_regularizers` on beta and gamma.
-    """
-    kwargs = model_config.batch_norm.to_dict()
-    clipping = {key: bound for key, bound in kwargs["renorm_clipping"].items() if bound is not None}
-    kwargs["renorm_clipping"] = clipping or None
-    if model_config.batch_norm_l2 > 0:
-        regularizer = _l2_regularizer(model_config.batch_norm_l2)
-        kwargs["param_regularizers"] = {"beta": regularizer, "gamma": regularizer}
-    return kwargs
-
-
-def check_batch_norm_config(model_config: ml_collections.ConfigDict) -> None:
-    """Lets jbn check the batch norm arguments of the `model` sub-config, building no layer.
 
     Raises:
       ValueError, TypeError: jbn's own error, prefixed with the config group that holds the
         argument ('model.batch_norm: decay must be in [0, 1), got 1.0.').
     """
+    arguments = model_config.batch_norm.to_dict()
+    clipping = {
+        key: bound for key, bound in arguments["renorm_clipping"].items() if bound is not None
+    }
+    arguments["renorm_clipping"] = clipping or None
+    if model_config.batch_norm_l2 > 0:
+        regularizer = _l2_regularizer(model_config.batch_norm_l2)
+        arguments["param_regularizers"] = {"beta": regularizer, "gamma": regularizer}
     try:
-        jbn.layer.layer_options(**batch_norm_kwargs(model_config))
+        return jbn.layer.layer_options(**arguments)
     except (TypeError, ValueError) as error:
         raise type(error)(f"model.batch_norm: {error}") from None
 
@@ -169,8 +170,7 @@ def create_model(
     return ConvNet(
         num_classes=num_classes,
         features=tuple(model_config.features),
-        use_batch_norm=model_config.use_batch_norm,
-        batch_norm_kwargs=batch_norm_kwargs(model_config) if model_config.use_batch_norm else None,
+        batch_norm=batch_norm_options(model_config) if model_config.use_batch_norm else None,
         axis_name=axis_name if model_config.sync_batch_stats else None,
         relu_on_logits=model_config.relu_on_logits,
         dtype=jnp.dtype(model_config.dtype),
