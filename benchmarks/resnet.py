@@ -103,24 +103,28 @@ def initial_state(model: nn.Module, images: np.ndarray) -> State:
     return params, variables["batch_stats"], optimizer().init(params)
 
 
+def training_loss(model: nn.Module, params, batch_stats, images, labels):
+    """`(loss, (logits, new batch_stats))` of one training-mode batch: the mean softmax
+    cross-entropy, differentiable in `params` (`jax.value_and_grad(..., has_aux=True)`)."""
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updates["batch_stats"])
+
+
 def train_step(model: nn.Module) -> Callable[[State, jax.Array, jax.Array], tuple[State, Any]]:
     """step(state, images, labels) -> (state after one SGD step, the step's loss)."""
     tx = optimizer()
 
     def step(state, images, labels):
         params, batch_stats, opt_state = state
-
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, updates["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (_, batch_stats)), grads = jax.value_and_grad(
+            partial(training_loss, model), has_aux=True
+        )(params, batch_stats, images, labels)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 

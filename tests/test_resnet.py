@@ -4,12 +4,12 @@ alone, run side by side with flax's layer; benchmarks/resnet.py's main on tiny s
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jbn
@@ -57,21 +57,10 @@ def test_the_norm_partial_alone_switches_the_resnet_to_jbn():
     )
 
     def train_loss(model):
-        @jax.jit
-        def run(params, batch_stats):
-            def loss_fn(params):
-                logits, updates = model.apply(
-                    {"params": params, "batch_stats": batch_stats},
-                    images,
-                    train=True,
-                    mutable=["batch_stats"],
-                )
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                return loss, (logits, updates["batch_stats"])
-
-            return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-        return run(variables["params"], variables["batch_stats"])
+        loss = partial(resnet_benchmark.training_loss, model)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(
+            variables["params"], variables["batch_stats"], images, labels
+        )
 
     (loss, (logits, stats)), grads = train_loss(jbn_model)
     (loss_want, (logits_want, stats_want)), grads_want = train_loss(flax_model)
